@@ -1,0 +1,409 @@
+//! The response store: a byte-bounded moka cache plus an index from Graph
+//! objects to the keys that hold them, so a write invalidates exactly the
+//! entries of the objects it touches, at a cost that scales with those
+//! entries rather than with the whole cache.
+//!
+//! Writes also advance a sequence number. A read snapshots it before going
+//! upstream ([`ReadTicket`]); when its answer comes back, it is stored only if
+//! no write touched its objects in between, so a fetch in flight while a write
+//! lands can never put pre-write data back.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use moka::future::Cache;
+use moka::notification::RemovalCause;
+use moka::Expiry;
+
+use crate::key::CacheKey;
+use crate::routes::{CachePolicy, ObjectId};
+
+/// A stored 200 answer.
+#[derive(Debug)]
+pub struct CachedResponse {
+    /// End-to-end headers as Graph sent them, less hop-by-hop, per-call and
+    /// length headers.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Graph's strong, quoted ETag, if it sent one.
+    pub etag: Option<HeaderValue>,
+    /// When the entry was stored or last validated upstream.
+    pub stored_at: Instant,
+    pub policy: CachePolicy,
+    /// The objects whose writes invalidate this entry.
+    pub objects: Arc<[ObjectId]>,
+    /// Distinguishes successive entries under one key in the index.
+    entry_id: u64,
+}
+
+/// How an entry may be used at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Within its fresh TTL: serve without asking upstream.
+    Fresh,
+    /// Past its fresh TTL but within max stale: revalidate; may be served if
+    /// upstream fails.
+    Stale,
+    /// Past both: revalidate; never served on failure.
+    Expired,
+}
+
+impl CachedResponse {
+    pub fn new(
+        headers: HeaderMap,
+        body: Bytes,
+        etag: Option<HeaderValue>,
+        policy: CachePolicy,
+        objects: Arc<[ObjectId]>,
+    ) -> Self {
+        Self {
+            headers,
+            body,
+            etag,
+            stored_at: Instant::now(),
+            policy,
+            objects,
+            entry_id: 0,
+        }
+    }
+
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.stored_at)
+    }
+
+    pub fn freshness(&self, now: Instant) -> Freshness {
+        classify(self.age(now), &self.policy)
+    }
+
+    /// The same entry, validated now; a 304 without an ETag keeps the stored one.
+    pub fn revalidated(&self, etag: Option<HeaderValue>) -> Self {
+        let etag = etag.or_else(|| self.etag.clone());
+        let mut headers = self.headers.clone();
+        if let Some(tag) = &etag {
+            headers.insert(http::header::ETAG, tag.clone());
+        }
+        Self {
+            headers,
+            body: self.body.clone(),
+            etag,
+            stored_at: Instant::now(),
+            policy: self.policy,
+            objects: self.objects.clone(),
+            entry_id: 0,
+        }
+    }
+
+    fn weight(&self) -> u32 {
+        let headers: usize = self.headers.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
+        u32::try_from(self.body.len() + headers + 256).unwrap_or(u32::MAX)
+    }
+}
+
+/// Pure freshness rule, separate so it can be tested without clocks.
+pub fn classify(age: Duration, policy: &CachePolicy) -> Freshness {
+    if age < policy.fresh_ttl {
+        Freshness::Fresh
+    } else if age < policy.max_stale {
+        Freshness::Stale
+    } else {
+        Freshness::Expired
+    }
+}
+
+/// A snapshot of the write sequence, taken before a read goes upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadTicket(u64);
+
+#[derive(Default)]
+struct ObjectRecord {
+    /// Keys holding this object, with the entry id last indexed under each.
+    keys: HashMap<CacheKey, u64>,
+    /// Sequence number of the last successful write to this object.
+    last_write: u64,
+}
+
+#[derive(Default)]
+struct Index {
+    objects: HashMap<ObjectId, ObjectRecord>,
+    /// Written objects in write order, so write marks can be forgotten once no
+    /// read that started before them can still be in flight.
+    recent_writes: VecDeque<(Instant, u64, ObjectId)>,
+}
+
+/// Called for every eviction with its cause, for metrics.
+pub type EvictionObserver = Arc<dyn Fn(RemovalCause) + Send + Sync>;
+
+/// The cache and its object index. Cloning is cheap and shares both.
+#[derive(Clone)]
+pub struct Store {
+    cache: Cache<CacheKey, Arc<CachedResponse>>,
+    index: Arc<Mutex<Index>>,
+    write_seq: Arc<AtomicU64>,
+    next_entry_id: Arc<AtomicU64>,
+    /// How long a write mark is kept: longer than any read can be in flight.
+    write_memory: Duration,
+}
+
+struct Retention;
+
+impl Expiry<CacheKey, Arc<CachedResponse>> for Retention {
+    fn expire_after_create(&self, _: &CacheKey, value: &Arc<CachedResponse>, _: Instant) -> Option<Duration> {
+        Some(value.policy.retention())
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &CacheKey,
+        value: &Arc<CachedResponse>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.policy.retention())
+    }
+}
+
+impl Store {
+    /// A store bounded to `max_bytes` of bodies and headers. `write_memory`
+    /// must exceed the longest time a read can spend upstream.
+    pub fn new(max_bytes: u64, write_memory: Duration, on_evict: EvictionObserver) -> Self {
+        let index: Arc<Mutex<Index>> = Arc::default();
+        let listener_index = index.clone();
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_: &CacheKey, v: &Arc<CachedResponse>| v.weight())
+            .expire_after(Retention)
+            .eviction_listener(move |key: Arc<CacheKey>, value: Arc<CachedResponse>, cause| {
+                if cause != RemovalCause::Replaced {
+                    on_evict(cause);
+                }
+                unindex(&mut lock(&listener_index), &key, &value);
+            })
+            .build();
+        Self {
+            cache,
+            index,
+            write_seq: Arc::new(AtomicU64::new(0)),
+            next_entry_id: Arc::new(AtomicU64::new(1)),
+            write_memory,
+        }
+    }
+
+    /// The entry under `key`, if any. Shares the entry; copies nothing.
+    pub async fn get(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
+        self.cache.get(key).await
+    }
+
+    /// Take before going upstream for a read that may be stored.
+    pub fn read_ticket(&self) -> ReadTicket {
+        ReadTicket(self.write_seq.load(Ordering::Acquire))
+    }
+
+    /// Stores `entry` unless a write to one of its objects landed after
+    /// `ticket` was taken. Returns whether it was stored.
+    pub async fn put(&self, key: CacheKey, mut entry: CachedResponse, ticket: ReadTicket) -> bool {
+        if written_since(&lock(&self.index), &entry.objects, ticket) {
+            return false;
+        }
+        entry.entry_id = self.next_entry_id.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(entry);
+        self.cache.insert(key, entry.clone()).await;
+        // Index after inserting, then look again: a write that landed while we
+        // inserted could not have seen this key in the index.
+        let raced = {
+            let mut index = lock(&self.index);
+            for object in entry.objects.iter() {
+                index
+                    .objects
+                    .entry(object.clone())
+                    .or_default()
+                    .keys
+                    .insert(key, entry.entry_id);
+            }
+            written_since(&index, &entry.objects, ticket)
+        };
+        if raced {
+            self.cache.invalidate(&key).await;
+            return false;
+        }
+        true
+    }
+
+    /// Drops the entry under `key` (e.g. the object is gone upstream).
+    pub async fn remove(&self, key: &CacheKey) {
+        self.cache.invalidate(key).await;
+    }
+
+    /// Records a successful write to `objects` and removes all their entries,
+    /// for every token and user agent. Returns how many keys were dropped.
+    pub async fn invalidate_objects(&self, objects: &[ObjectId]) -> usize {
+        let keys: Vec<CacheKey> = {
+            let mut index = lock(&self.index);
+            let seq = self.write_seq.fetch_add(1, Ordering::AcqRel) + 1;
+            let now = Instant::now();
+            forget_old_writes(&mut index, now, self.write_memory);
+            let mut keys = Vec::new();
+            for object in objects {
+                let record = index.objects.entry(object.clone()).or_default();
+                record.last_write = seq;
+                keys.extend(record.keys.drain().map(|(k, _)| k));
+                index.recent_writes.push_back((now, seq, object.clone()));
+            }
+            keys
+        };
+        for key in &keys {
+            self.cache.invalidate(key).await;
+        }
+        keys.len()
+    }
+
+    /// Entries currently stored (approximate until pending work runs).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// Weighted size in bytes (approximate until pending work runs).
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
+    /// Runs moka's pending housekeeping so counts are exact (scrapes, tests).
+    pub async fn sync(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+}
+
+fn lock(index: &Mutex<Index>) -> MutexGuard<'_, Index> {
+    // The index holds no invariant a panic could break half-way.
+    index.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Drops write marks older than `memory` from records that hold no keys.
+fn forget_old_writes(index: &mut Index, now: Instant, memory: Duration) {
+    while let Some((at, seq, _)) = index.recent_writes.front() {
+        if now.saturating_duration_since(*at) < memory {
+            break;
+        }
+        let (seq, object) = (*seq, index.recent_writes.pop_front().expect("front exists").2);
+        if let Some(record) = index.objects.get_mut(&object) {
+            if record.last_write == seq {
+                record.last_write = 0;
+                if record.keys.is_empty() {
+                    index.objects.remove(&object);
+                }
+            }
+        }
+    }
+}
+
+fn written_since(index: &Index, objects: &[ObjectId], ticket: ReadTicket) -> bool {
+    objects
+        .iter()
+        .any(|o| index.objects.get(o).is_some_and(|r| r.last_write > ticket.0))
+}
+
+/// Removes `key` from its objects' records if this entry is still the one
+/// indexed there; drops records left with nothing to remember (no keys and
+/// no recent write mark).
+fn unindex(index: &mut Index, key: &CacheKey, entry: &CachedResponse) {
+    for object in entry.objects.iter() {
+        if let Some(record) = index.objects.get_mut(object) {
+            if record.keys.get(key) == Some(&entry.entry_id) {
+                record.keys.remove(key);
+            }
+            if record.keys.is_empty() && record.last_write == 0 {
+                index.objects.remove(object);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::{cache_key, QueryParams, TokenHasher};
+    use crate::routes::objects_of;
+
+    fn policy(fresh: u64, stale: u64) -> CachePolicy {
+        CachePolicy {
+            fresh_ttl: Duration::from_secs(fresh),
+            max_stale: Duration::from_secs(stale),
+            cache: true,
+        }
+    }
+
+    fn entry(path: &str) -> CachedResponse {
+        CachedResponse::new(
+            HeaderMap::new(),
+            Bytes::from_static(b"{}"),
+            None,
+            policy(60, 60),
+            objects_of(path, []).into(),
+        )
+    }
+
+    fn key(path: &str, token: &str) -> CacheKey {
+        let id = TokenHasher::with_secret([0; 32]).identify(Some(token), None);
+        cache_key(path, &QueryParams::parse(None), b"ua", &id)
+    }
+
+    fn store() -> Store {
+        Store::new(1 << 20, Duration::from_secs(60), Arc::new(|_| {}))
+    }
+
+    #[test]
+    fn freshness_boundaries() {
+        let p = policy(10, 20);
+        assert_eq!(classify(Duration::from_secs(9), &p), Freshness::Fresh);
+        assert_eq!(classify(Duration::from_secs(10), &p), Freshness::Stale);
+        assert_eq!(classify(Duration::from_secs(20), &p), Freshness::Expired);
+        assert_eq!(classify(Duration::ZERO, &policy(0, 0)), Freshness::Expired);
+    }
+
+    #[tokio::test]
+    async fn a_write_invalidates_every_token_of_its_object_only() {
+        let s = store();
+        for (path, token) in [("/v1/act_1/ads", "a"), ("/v1/act_1", "b"), ("/v1/act_2", "a")] {
+            assert!(s.put(key(path, token), entry(path), s.read_ticket()).await);
+        }
+        let dropped = s.invalidate_objects(&objects_of("/v1/act_1/ads", [])).await;
+        assert_eq!(dropped, 2);
+        assert!(s.get(&key("/v1/act_1/ads", "a")).await.is_none());
+        assert!(s.get(&key("/v1/act_1", "b")).await.is_none());
+        assert!(s.get(&key("/v1/act_2", "a")).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_read_that_started_before_a_write_is_not_stored() {
+        let s = store();
+        let ticket = s.read_ticket();
+        s.invalidate_objects(&objects_of("/v1/7", [])).await;
+        assert!(!s.put(key("/v1/7", "t"), entry("/v1/7"), ticket).await);
+        assert!(s.get(&key("/v1/7", "t")).await.is_none());
+        // A read that starts after the write stores normally.
+        assert!(s.put(key("/v1/7", "t"), entry("/v1/7"), s.read_ticket()).await);
+    }
+
+    #[tokio::test]
+    async fn old_write_marks_are_forgotten() {
+        let s = Store::new(1 << 20, Duration::ZERO, Arc::new(|_| {}));
+        s.invalidate_objects(&objects_of("/v1/1", [])).await;
+        s.invalidate_objects(&objects_of("/v1/2", [])).await;
+        // The second write pruned the first object's record.
+        assert_eq!(lock(&s.index).objects.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn replacing_an_entry_keeps_it_indexed() {
+        let s = store();
+        let k = key("/v1/9", "t");
+        s.put(k, entry("/v1/9"), s.read_ticket()).await;
+        s.put(k, entry("/v1/9"), s.read_ticket()).await;
+        s.sync().await;
+        assert_eq!(s.invalidate_objects(&objects_of("/v1/9", [])).await, 1);
+        assert!(s.get(&k).await.is_none());
+    }
+}

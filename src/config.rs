@@ -1,0 +1,447 @@
+//! Configuration: defaults, then the TOML file, then `GRAPHCACHE_<KEY>`
+//! environment variables, then command-line flags (later wins).
+//!
+//! The raw layers are merged as TOML tables and deserialised once into
+//! [`RawConfig`], which rejects unknown keys; [`Config`] is the validated
+//! runtime form with `Duration`s and parsed addresses.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use http::Uri;
+use serde::Deserialize;
+
+use crate::routes::{CachePolicy, RoutePolicies, RouteRule};
+
+/// Command line. The flag names are a contract with users: keep them.
+#[derive(Debug, Default, Parser)]
+#[command(name = "graphcache", version, about = "Caching reverse proxy for the Graph API")]
+pub struct Cli {
+    /// TOML config file (also GRAPHCACHE_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to serve clients on.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// The one upstream, e.g. https://graph.facebook.com.
+    #[arg(long, value_name = "URL")]
+    pub upstream: Option<String>,
+    /// Address of the admin listener (/metrics, /healthz, /readyz).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Seconds a stored answer is served without asking upstream.
+    #[arg(long, value_name = "SECONDS")]
+    pub fresh_ttl: Option<u64>,
+    /// Seconds a stored answer may be served when upstream fails.
+    #[arg(long, value_name = "SECONDS")]
+    pub max_stale: Option<u64>,
+    /// Memory bound of the cache, in bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub cache_max_bytes: Option<u64>,
+    /// Validate the configuration, print it, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// Errors in any configuration layer, rendered for an operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("environment variable {name}: {message}")]
+    Env { name: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The configuration as written: every key optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    upstream: Option<String>,
+    fresh_ttl: Option<u64>,
+    max_stale: Option<u64>,
+    cache_max_bytes: Option<u64>,
+    max_entry_bytes: Option<u64>,
+    max_header_bytes: Option<u64>,
+    max_body_bytes: Option<u64>,
+    connect_timeout: Option<u64>,
+    upstream_timeout: Option<u64>,
+    header_read_timeout: Option<u64>,
+    shutdown_grace: Option<u64>,
+    max_connections: Option<u64>,
+    access_log: Option<bool>,
+    log_format: Option<String>,
+    log_level: Option<String>,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+}
+
+/// One `[[route]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    #[serde(rename = "match")]
+    pattern: String,
+    fresh_ttl: Option<u64>,
+    max_stale: Option<u64>,
+    cache: Option<bool>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Scheme and authority of the upstream; no path.
+    pub upstream: Uri,
+    pub routes: RoutePolicies,
+    pub cache_max_bytes: u64,
+    pub max_entry_bytes: usize,
+    pub max_header_bytes: usize,
+    pub max_body_bytes: usize,
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub max_connections: usize,
+    pub access_log: bool,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+/// Every top-level key, for environment lookup and messages.
+pub const KEYS: [&str; 18] = [
+    "listen",
+    "admin_listen",
+    "upstream",
+    "fresh_ttl",
+    "max_stale",
+    "cache_max_bytes",
+    "max_entry_bytes",
+    "max_header_bytes",
+    "max_body_bytes",
+    "connect_timeout",
+    "upstream_timeout",
+    "header_read_timeout",
+    "shutdown_grace",
+    "max_connections",
+    "access_log",
+    "log_format",
+    "log_level",
+    "route",
+];
+
+const ENV_PREFIX: &str = "GRAPHCACHE_";
+
+impl Config {
+    /// Loads the configuration from `cli`, the given environment and the file
+    /// it names. The environment is passed in so tests never touch the
+    /// process environment.
+    pub fn load(
+        cli: &Cli,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        let file = cli.config.clone().or_else(|| {
+            env.iter()
+                .find(|(k, _)| k == "GRAPHCACHE_CONFIG")
+                .map(|(_, v)| PathBuf::from(v))
+        });
+        let mut table = match &file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                // Deserialise the file on its own first, so errors point at
+                // its own lines and keys.
+                let file_error = |e: toml::de::Error| ConfigError::File {
+                    path: path.clone(),
+                    message: e.to_string(),
+                };
+                toml::from_str::<RawConfig>(&text).map_err(file_error)?;
+                toml::from_str::<toml::Table>(&text).map_err(file_error)?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in &env {
+            let key = name[ENV_PREFIX.len()..].to_ascii_lowercase();
+            if key == "config" {
+                continue;
+            }
+            if !KEYS.contains(&key.as_str()) {
+                return Err(ConfigError::Env {
+                    name: name.clone(),
+                    message: format!("unknown key `{key}`; known keys: {}", KEYS.join(", ")),
+                });
+            }
+            let value = env_value(value);
+            let mut single = toml::Table::new();
+            single.insert(key.clone(), value.clone());
+            if let Err(e) = toml::Value::Table(single).try_into::<RawConfig>() {
+                return Err(ConfigError::Env {
+                    name: name.clone(),
+                    message: format!("{key} = {value}: {}", e.message()),
+                });
+            }
+            table.insert(key, value);
+        }
+        let flags: [(&str, Option<toml::Value>); 6] = [
+            ("listen", cli.listen.clone().map(toml::Value::String)),
+            ("upstream", cli.upstream.clone().map(toml::Value::String)),
+            ("admin_listen", cli.admin_listen.clone().map(toml::Value::String)),
+            ("fresh_ttl", cli.fresh_ttl.map(int_value)),
+            ("max_stale", cli.max_stale.map(int_value)),
+            ("cache_max_bytes", cli.cache_max_bytes.map(int_value)),
+        ];
+        for (key, value) in flags {
+            if let Some(value) = value {
+                table.insert(key.to_owned(), value);
+            }
+        }
+        let raw: RawConfig = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+            let message = e.message().to_owned();
+            match &file {
+                Some(path) => ConfigError::File { path: path.clone(), message },
+                None => ConfigError::Invalid(message),
+            }
+        })?;
+        raw.validate()
+    }
+
+    /// The configuration a test or embedder starts from: all defaults.
+    pub fn defaults() -> Self {
+        RawConfig::default().validate().expect("defaults are valid")
+    }
+}
+
+/// An environment value read as a TOML value (`60`, `true`, `[{...}]`), or as
+/// a plain string when it is not one (`127.0.0.1:8080`).
+fn env_value(value: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()))
+}
+
+fn int_value(n: u64) -> toml::Value {
+    toml::Value::Integer(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let addr = |key: &str, value: Option<String>, default: &str| {
+            let value = value.unwrap_or_else(|| default.to_owned());
+            value.parse::<SocketAddr>().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "{key} = {value:?} is not a socket address; expected IP:PORT such as {default:?}"
+                ))
+            })
+        };
+        let secs = |v: Option<u64>, default: u64| Duration::from_secs(v.unwrap_or(default));
+        let positive = |key: &str, v: Option<u64>, default: u64| -> Result<u64, ConfigError> {
+            let v = v.unwrap_or(default);
+            if v == 0 {
+                Err(ConfigError::Invalid(format!("{key} = 0 is not allowed; expected a positive number")))
+            } else {
+                Ok(v)
+            }
+        };
+        let upstream = parse_upstream(self.upstream.as_deref().unwrap_or("https://graph.facebook.com"))?;
+        let default_policy = CachePolicy {
+            fresh_ttl: secs(self.fresh_ttl, 0),
+            max_stale: secs(self.max_stale, 3600),
+            cache: true,
+        };
+        let mut rules = Vec::with_capacity(self.route.len());
+        for (i, route) in self.route.into_iter().enumerate() {
+            let pattern = route.pattern.trim();
+            if pattern.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "route[{i}].match = {:?} is empty; expected a path pattern such as \"*/insights\"",
+                    route.pattern
+                )));
+            }
+            rules.push(RouteRule::new(
+                pattern,
+                route.fresh_ttl.map(Duration::from_secs),
+                route.max_stale.map(Duration::from_secs),
+                route.cache.unwrap_or(true),
+            ));
+        }
+        let log_format = match self.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "log_format = {other:?} is not allowed; expected \"text\" or \"json\""
+                )))
+            }
+        };
+        let log_level = self.log_level.unwrap_or_else(|| "info".to_owned());
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "log_level = {log_level:?} is not a level or filter; expected e.g. \"info\" or \"graphcache=debug\""
+            )));
+        }
+        let usize_of = |key: &str, v: u64| {
+            usize::try_from(v).map_err(|_| ConfigError::Invalid(format!("{key} = {v} is too large")))
+        };
+        Ok(Config {
+            listen: addr("listen", self.listen, "127.0.0.1:8080")?,
+            admin_listen: addr("admin_listen", self.admin_listen, "127.0.0.1:9090")?,
+            upstream,
+            routes: RoutePolicies { default: default_policy, rules },
+            cache_max_bytes: positive("cache_max_bytes", self.cache_max_bytes, 256 << 20)?,
+            max_entry_bytes: usize_of("max_entry_bytes", positive("max_entry_bytes", self.max_entry_bytes, 4 << 20)?)?,
+            max_header_bytes: usize_of("max_header_bytes", positive("max_header_bytes", self.max_header_bytes, 32 << 10)?)?,
+            max_body_bytes: usize_of("max_body_bytes", positive("max_body_bytes", self.max_body_bytes, 64 << 20)?)?,
+            connect_timeout: Duration::from_secs(positive("connect_timeout", self.connect_timeout, 5)?),
+            upstream_timeout: Duration::from_secs(positive("upstream_timeout", self.upstream_timeout, 60)?),
+            header_read_timeout: Duration::from_secs(positive("header_read_timeout", self.header_read_timeout, 10)?),
+            shutdown_grace: secs(self.shutdown_grace, 25),
+            max_connections: usize_of("max_connections", positive("max_connections", self.max_connections, 4096)?)?,
+            access_log: self.access_log.unwrap_or(true),
+            log_format,
+            log_level,
+        })
+    }
+}
+
+/// Accepts `http(s)://host[:port]` with no path, query or credentials.
+fn parse_upstream(value: &str) -> Result<Uri, ConfigError> {
+    let bad = |why: &str| {
+        ConfigError::Invalid(format!(
+            "upstream = {value:?} {why}; expected a URL such as \"https://graph.facebook.com\""
+        ))
+    };
+    let uri: Uri = value.trim_end_matches('/').parse().map_err(|_| bad("is not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(bad("must use http or https")),
+    }
+    let authority = uri.authority().ok_or_else(|| bad("has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(bad("must not carry credentials"));
+    }
+    if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/") {
+        return Err(bad("must not have a path or query"));
+    }
+    Ok(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(cli: Cli, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load(&cli, env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    fn file(text: &str) -> (tempdir::Guard, PathBuf) {
+        tempdir::write(text)
+    }
+
+    /// A throwaway file under the target directory, removed on drop.
+    mod tempdir {
+        use std::path::PathBuf;
+        pub struct Guard(PathBuf);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        pub fn write(text: &str) -> (Guard, PathBuf) {
+            let path = std::env::temp_dir().join(format!("graphcache-test-{}.toml", rand::random::<u64>()));
+            std::fs::write(&path, text).unwrap();
+            (Guard(path.clone()), path)
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let c = Config::defaults();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.upstream.to_string(), "https://graph.facebook.com/");
+        assert_eq!(c.routes.default.fresh_ttl, Duration::ZERO);
+        assert_eq!(c.routes.default.max_stale, Duration::from_secs(3600));
+        assert_eq!(c.cache_max_bytes, 256 << 20);
+    }
+
+    #[test]
+    fn precedence_is_flag_then_env_then_file() {
+        let (_g, path) = file("fresh_ttl = 1\nmax_stale = 2\ncache_max_bytes = 3\n");
+        let cli = Cli { config: Some(path.clone()), fresh_ttl: Some(10), ..Cli::default() };
+        let c = load(cli, &[("GRAPHCACHE_FRESH_TTL", "20"), ("GRAPHCACHE_MAX_STALE", "30")]).unwrap();
+        assert_eq!(c.routes.default.fresh_ttl, Duration::from_secs(10));
+        assert_eq!(c.routes.default.max_stale, Duration::from_secs(30));
+        assert_eq!(c.cache_max_bytes, 3);
+    }
+
+    #[test]
+    fn the_shipped_config_file_is_valid_and_documents_every_key() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/graphcache.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        for key in KEYS {
+            assert!(text.contains(&format!("{key} ")) || text.contains(&format!("[[{key}]]")), "{key} undocumented");
+        }
+        load(Cli { config: Some(path), ..Cli::default() }, &[]).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let (_g, path) = file("fresh_tll = 1\n");
+        let err = load(Cli { config: Some(path), ..Cli::default() }, &[]).unwrap_err().to_string();
+        assert!(err.contains("fresh_tll"), "{err}");
+        let err = load(Cli::default(), &[("GRAPHCACHE_LISTNE", "x")]).unwrap_err().to_string();
+        assert!(err.contains("GRAPHCACHE_LISTNE") && err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_key_value_and_what_is_allowed() {
+        let err = load(Cli { listen: Some("nowhere".into()), ..Cli::default() }, &[]).unwrap_err().to_string();
+        assert!(err.contains("listen") && err.contains("nowhere") && err.contains("IP:PORT"), "{err}");
+        let err = load(Cli { upstream: Some("ftp://x".into()), ..Cli::default() }, &[]).unwrap_err().to_string();
+        assert!(err.contains("ftp://x") && err.contains("http or https"), "{err}");
+        let err = load(Cli::default(), &[("GRAPHCACHE_LOG_FORMAT", "xml")]).unwrap_err().to_string();
+        assert!(err.contains("log_format") && err.contains("xml"), "{err}");
+        let err = load(Cli::default(), &[("GRAPHCACHE_FRESH_TTL", "soon")]).unwrap_err().to_string();
+        assert!(err.contains("fresh_ttl"), "{err}");
+        let err = load(Cli { upstream: Some("http://h/path".into()), ..Cli::default() }, &[]).unwrap_err().to_string();
+        assert!(err.contains("path"), "{err}");
+    }
+
+    #[test]
+    fn routes_from_file_and_environment() {
+        let (_g, path) = file("[[route]]\nmatch = \"*/insights\"\nfresh_ttl = 300\n[[route]]\nmatch = \"me\"\ncache = false\n");
+        let c = load(Cli { config: Some(path), ..Cli::default() }, &[]).unwrap();
+        assert_eq!(c.routes.policy_for("/v1.0/act_1/insights").fresh_ttl, Duration::from_secs(300));
+        assert!(!c.routes.policy_for("/me").cache);
+        let c = load(Cli::default(), &[("GRAPHCACHE_ROUTE", "[{match = \"x\", cache = false}]")]).unwrap();
+        assert!(!c.routes.policy_for("/x").cache);
+        let err = load(Cli::default(), &[("GRAPHCACHE_ROUTE", "[{match = \"x\", ttl = 1}]")]).unwrap_err().to_string();
+        assert!(err.contains("ttl"), "{err}");
+    }
+}

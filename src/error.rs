@@ -1,0 +1,129 @@
+//! Errors graphcache makes itself, rendered once, at the edge, in Graph's own
+//! error envelope so SDK clients parse them like any Graph error.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::{Response, StatusCode};
+
+use crate::body::ResponseBody;
+
+/// Marks a response as made by graphcache rather than by Graph.
+pub const PROXY_ERROR_HEADER: &str = "x-graphcache-error";
+
+/// Why graphcache answered a request itself with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("graphcache is a reverse proxy for its configured upstream only; absolute-form targets naming another host are refused")]
+    ForeignTarget,
+    #[error("the CONNECT method is not supported: graphcache is not a forward proxy")]
+    Connect,
+    #[error("request headers are larger than the configured limit of {limit} bytes")]
+    HeadersTooLarge { limit: usize },
+    #[error("request body is larger than the configured limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("reading the request body failed: {0}")]
+    ClientBody(#[source] hyper::Error),
+    #[error("the upstream could not be reached: {0}")]
+    UpstreamUnreachable(#[source] hyper_util::client::legacy::Error),
+    #[error("the upstream failed while sending its answer: {0}")]
+    UpstreamBody(#[source] hyper::Error),
+    #[error("the upstream did not answer within {0:?}")]
+    UpstreamTimeout(std::time::Duration),
+    #[error("the upstream answered with a content encoding the client does not accept")]
+    UpstreamEncoding,
+}
+
+impl ProxyError {
+    /// The HTTP status the client sees.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) | Self::ForeignTarget | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Self::Connect => StatusCode::METHOD_NOT_ALLOWED,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UpstreamUnreachable(_) | Self::UpstreamBody(_) | Self::UpstreamEncoding => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Graph's error code for the envelope: 100 (invalid parameter) for the
+    /// client's mistakes, 2 (service temporarily unavailable, which SDK retry
+    /// logic treats as transient) for upstream trouble.
+    fn graph_code(&self) -> u32 {
+        if self.status().is_server_error() {
+            2
+        } else {
+            100
+        }
+    }
+
+    /// Short label for logs and the marker header.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::ForeignTarget => "foreign_target",
+            Self::Connect => "connect",
+            Self::HeadersTooLarge { .. } => "headers_too_large",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::ClientBody(_) => "client_body",
+            Self::UpstreamUnreachable(_) => "upstream_unreachable",
+            Self::UpstreamBody(_) => "upstream_body",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::UpstreamEncoding => "upstream_encoding",
+        }
+    }
+
+    /// The Graph-envelope response for this error.
+    pub fn to_response(&self) -> Response<ResponseBody> {
+        let status = self.status();
+        let envelope = serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": "GraphcacheException",
+                "code": self.graph_code(),
+                "is_transient": status.is_server_error(),
+                "fbtrace_id": format!("graphcache-{:016x}", rand::random::<u64>()),
+            }
+        });
+        let mut response = Response::new(ResponseBody::full(Bytes::from(envelope.to_string())));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json; charset=UTF-8"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.kind()));
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn envelope_has_graph_fields_and_status() {
+        let err = ProxyError::HeadersTooLarge { limit: 10 };
+        let response = err.to_response();
+        assert_eq!(response.status(), 431);
+        assert_eq!(response.headers()[PROXY_ERROR_HEADER], "headers_too_large");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], 100);
+        assert_eq!(v["error"]["type"], "GraphcacheException");
+        assert!(v["error"]["message"].as_str().unwrap().contains("10 bytes"));
+        assert!(v["error"]["fbtrace_id"].as_str().unwrap().starts_with("graphcache-"));
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(ProxyError::BadRequest("x").status(), 400);
+        assert_eq!(ProxyError::BodyTooLarge { limit: 1 }.status(), 413);
+        assert_eq!(ProxyError::UpstreamTimeout(std::time::Duration::ZERO).status(), 504);
+        assert_eq!(ProxyError::UpstreamEncoding.status(), 502);
+        assert_eq!(ProxyError::Connect.status(), 405);
+    }
+}

@@ -1,0 +1,627 @@
+//! The request path: classify a client request, answer it from the cache,
+//! revalidate or fetch it upstream, pass writes through once and invalidate
+//! what they change. Errors are rendered once, in [`Proxy::handle`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::body::{collect_up_to, Collected, ResponseBody};
+use crate::cache::{CachedResponse, Freshness, ReadTicket, Store};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::headers::{
+    accepts_gzip, age_value, client_cache_control, header_bytes, if_none_match_matches, is_encoded,
+    strip_hop_by_hop, strip_per_call,
+};
+use crate::key::{authorization_token, cache_key, CacheKey, QueryParams, TokenHasher};
+use crate::metrics::{Metrics, Outcome};
+use crate::redact::redact_target;
+use crate::routes::{objects_of, CachePolicy, ObjectId};
+use crate::upstream::{BoxError, Upstream, UpstreamBody};
+
+/// Largest GET body read to tell an SDK's `{}` from a real body.
+const MAX_GET_BODY: usize = 64 << 10;
+/// Largest write body read for the object ids it names; larger ones stream.
+const MAX_PARSED_WRITE_BODY: usize = 1 << 20;
+/// How long a client may take to send a GET body.
+const GET_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+const CACHE_STATUS: &str = "cache-status";
+const HIT: HeaderValue = HeaderValue::from_static("graphcache; hit");
+
+/// Everything the request path needs, shared by all connections.
+pub struct Proxy {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    pub tokens: TokenHasher,
+}
+
+/// A response plus what the cache did, for metrics and the access log.
+struct Handled {
+    response: Response<ResponseBody>,
+    outcome: Outcome,
+}
+
+impl Handled {
+    fn new(response: Response<ResponseBody>, outcome: Outcome) -> Self {
+        Self { response, outcome }
+    }
+}
+
+/// What a cacheable request's body turned out to be.
+enum GetBody {
+    /// None, empty, or the Node SDK's `{}`.
+    Nothing,
+    /// Anything else: forwarded, never cached.
+    Some(Bytes),
+}
+
+impl Proxy {
+    /// Answers one client request. Never fails: errors become Graph envelopes.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let uri = request.uri().clone();
+        let (response, outcome) = match self.route(request).await {
+            Ok(handled) => (handled.response, handled.outcome),
+            Err(error) => {
+                tracing::warn!(kind = error.kind(), error = %error, "request failed");
+                (error.to_response(), Outcome::Error)
+            }
+        };
+        self.metrics.count_request(outcome);
+        if self.config.access_log {
+            tracing::info!(
+                target: "graphcache::access",
+                method = %method,
+                target = %redact_target(uri.path(), uri.query()),
+                status = response.status().as_u16(),
+                cache = outcome.as_str(),
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            );
+        }
+        response
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> Result<Handled, ProxyError> {
+        if request.method() == Method::CONNECT {
+            return Err(ProxyError::Connect);
+        }
+        // HTTP/1 absolute-form: only the upstream's own host is accepted, and
+        // even then the request goes to the configured upstream.
+        if request.version() <= Version::HTTP_11 {
+            if let Some(authority) = request.uri().authority() {
+                if !self.upstream.is_upstream_host(authority) {
+                    return Err(ProxyError::ForeignTarget);
+                }
+            }
+        }
+        if header_bytes(request.headers()) > self.config.max_header_bytes {
+            return Err(ProxyError::HeadersTooLarge { limit: self.config.max_header_bytes });
+        }
+        if content_length(request.headers()).is_some_and(|n| n > self.config.max_body_bytes as u64) {
+            return Err(ProxyError::BodyTooLarge { limit: self.config.max_body_bytes });
+        }
+        let uri = request.uri().clone();
+        let params = QueryParams::parse(uri.query());
+        let method = request.method().clone();
+        if method == Method::GET || method == Method::HEAD {
+            let write_override = params
+                .get("method")
+                .is_some_and(|m| !m.eq_ignore_ascii_case("get") && !m.eq_ignore_ascii_case("head"));
+            if write_override {
+                return self.write(request, &params, Outcome::Write).await;
+            }
+            return self.read(request, &params).await;
+        }
+        let outcome = if matches!(method, Method::POST | Method::PUT | Method::DELETE | Method::PATCH) {
+            Outcome::Write
+        } else {
+            Outcome::Pass
+        };
+        self.write(request, &params, outcome).await
+    }
+
+    // === reads ===
+
+    async fn read(&self, request: Request<Incoming>, params: &QueryParams<'_>) -> Result<Handled, ProxyError> {
+        let (parts, body) = request.into_parts();
+        let body = read_get_body(body).await?;
+        let path = parts.uri.path();
+        let control = client_cache_control(&parts.headers);
+        let policy = self.config.routes.policy_for(path);
+        if let GetBody::Some(bytes) = body {
+            return self.bypass(parts, Some(bytes)).await;
+        }
+        if control.no_store || !policy.cache || params.contains("callback") {
+            return self.bypass(parts, None).await;
+        }
+        let identity = self
+            .tokens
+            .identify(params.get("access_token"), authorization_token(&parts.headers));
+        let user_agent = parts
+            .headers
+            .get(header::USER_AGENT)
+            .map_or(&b""[..], HeaderValue::as_bytes);
+        let key = cache_key(path, params, user_agent, &identity);
+        let entry = self.store.get(&key).await;
+        let now = Instant::now();
+        if let Some(entry) = &entry {
+            if !control.no_cache && entry.freshness(now) == Freshness::Fresh {
+                return Ok(serve_entry(&parts, entry, now, HIT, Outcome::Hit));
+            }
+        }
+        let fetch = Fetch {
+            key,
+            policy,
+            objects: objects_of(path, params.iter()).into(),
+            ticket: self.store.read_ticket(),
+            entry,
+            forced: control.no_cache,
+        };
+        self.fetch(parts, fetch).await
+    }
+
+    /// Goes upstream for a cacheable read: a revalidation when an entry with
+    /// an ETag exists, a plain fetch otherwise.
+    async fn fetch(&self, parts: Parts, fetch: Fetch) -> Result<Handled, ProxyError> {
+        let validator = fetch.entry.as_ref().and_then(|e| e.etag.clone());
+        let fwd = match (&fetch.entry, fetch.forced) {
+            (None, _) => "uri-miss",
+            (Some(_), true) => "request",
+            (Some(_), false) => "stale",
+        };
+        let mut headers = parts.headers.clone();
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::ACCEPT_ENCODING);
+        headers.remove(header::CACHE_CONTROL);
+        headers.remove(header::PRAGMA);
+        headers.remove(header::CONTENT_LENGTH);
+        headers.remove(header::CONTENT_TYPE);
+        headers.remove(header::IF_MODIFIED_SINCE);
+        if let Some(tag) = &validator {
+            headers.insert(header::IF_NONE_MATCH, tag.clone());
+        } else if fetch.entry.is_some() {
+            // An entry without an ETag cannot be revalidated: fetch it anew.
+            headers.remove(header::IF_NONE_MATCH);
+        }
+        let mut upstream_request = Request::new(empty_body());
+        *upstream_request.uri_mut() = self.upstream.uri_for(parts.uri.path_and_query());
+        *upstream_request.headers_mut() = headers;
+        let deadline = tokio::time::Instant::now() + self.upstream.timeout;
+        let now = Instant::now;
+        let stale_ok = |entry: &Option<Arc<CachedResponse>>| {
+            entry.as_ref().filter(|e| e.freshness(now()) != Freshness::Expired).cloned()
+        };
+        let response = match self.upstream.send(upstream_request, &self.metrics).await {
+            Ok(response) => response,
+            Err(error) => {
+                if let Some(entry) = stale_ok(&fetch.entry) {
+                    tracing::warn!(kind = error.kind(), error = %error, "serving stale after upstream failure");
+                    let status = cache_status("stale", None, false, Some("stale-if-error"));
+                    return Ok(serve_entry(&parts, &entry, now(), status, Outcome::Stale));
+                }
+                return Err(error);
+            }
+        };
+        let status = response.status();
+        if status == StatusCode::NOT_MODIFIED {
+            if let (Some(entry), Some(_)) = (&fetch.entry, &validator) {
+                let refreshed = entry.revalidated(response.headers().get(header::ETAG).cloned());
+                let refreshed = Arc::new(refreshed);
+                // Store a copy: the served entry must not wait for the insert.
+                self.store
+                    .put(fetch.key, clone_entry(&refreshed), fetch.ticket)
+                    .await;
+                let status = cache_status(fwd, Some(304), false, None);
+                return Ok(serve_entry(&parts, &refreshed, now(), status, Outcome::Revalidated));
+            }
+            // The client's own conditional, relayed.
+            return Ok(relay(&parts, response, cache_status(fwd, Some(304), false, None), Outcome::Miss));
+        }
+        if status.is_server_error() {
+            if let Some(entry) = stale_ok(&fetch.entry) {
+                let status = cache_status("stale", Some(status.as_u16()), false, Some("stale-if-error"));
+                return Ok(serve_entry(&parts, &entry, now(), status, Outcome::Stale));
+            }
+        }
+        let outcome = if fetch.entry.is_some() { Outcome::Refreshed } else { Outcome::Miss };
+        if status != StatusCode::OK || !storable_head(response.headers()) {
+            if fetch.entry.is_some() && status.is_client_error() {
+                // The object is gone or no longer readable with this token.
+                self.store.remove(&fetch.key).await;
+            }
+            let outcome = if outcome == Outcome::Refreshed { Outcome::Miss } else { outcome };
+            return Ok(relay(&parts, response, cache_status(fwd, Some(status.as_u16()), false, None), outcome));
+        }
+        if content_length(response.headers()).is_some_and(|n| n > self.config.max_entry_bytes as u64) {
+            return Ok(relay(&parts, response, cache_status(fwd, Some(200), false, Some("too-large")), Outcome::Miss));
+        }
+        let (mut head, body) = response.into_parts();
+        let collected = tokio::time::timeout_at(deadline, collect_up_to(body, self.config.max_entry_bytes))
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout(self.upstream.timeout))?
+            .map_err(ProxyError::UpstreamBody)?;
+        let body = match collected {
+            Collected::Complete(body) => body,
+            Collected::Overflow { prefix, rest } => {
+                let response = Response::from_parts(head, ResponseBody::Relay { prefix: Some(prefix), rest });
+                let status = cache_status(fwd, Some(200), false, Some("too-large"));
+                return Ok(relay(&parts, response, status, Outcome::Miss));
+            }
+        };
+        strip_hop_by_hop(&mut head.headers);
+        if !storable_body(&body) {
+            let status = cache_status(fwd, Some(200), false, None);
+            return Ok(Handled::new(full_response(&parts, head, body, status), Outcome::Miss));
+        }
+        let mut stored_headers = head.headers.clone();
+        strip_per_call(&mut stored_headers);
+        stored_headers.remove(header::CONTENT_LENGTH);
+        let etag = stored_headers.get(header::ETAG).cloned();
+        let entry = CachedResponse::new(stored_headers, body.clone(), etag, fetch.policy, fetch.objects);
+        let stored = fetch.policy.retention() > Duration::ZERO && self.store.put(fetch.key, entry, fetch.ticket).await;
+        let status = cache_status(fwd, Some(200), stored, None);
+        let etag = head.headers.get(header::ETAG);
+        if etag.is_some_and(|tag| if_none_match_matches(&parts.headers, tag)) {
+            return Ok(Handled::new(not_modified(&head.headers, status), outcome));
+        }
+        Ok(Handled::new(full_response(&parts, head, body, status), outcome))
+    }
+
+    /// A cacheable method that must not touch the cache.
+    async fn bypass(&self, parts: Parts, body: Option<Bytes>) -> Result<Handled, ProxyError> {
+        let mut headers = parts.headers.clone();
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::ACCEPT_ENCODING);
+        let mut request = Request::new(match body {
+            Some(bytes) => full_body(bytes),
+            None => {
+                headers.remove(header::CONTENT_LENGTH);
+                empty_body()
+            }
+        });
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = self.upstream.uri_for(parts.uri.path_and_query());
+        *request.headers_mut() = headers;
+        let response = self.upstream.send(request, &self.metrics).await?;
+        let status = cache_status("bypass", Some(response.status().as_u16()), false, None);
+        check_encoding(&parts.headers, response.headers())?;
+        Ok(relay(&parts, response, status, Outcome::Bypass))
+    }
+
+    // === writes and everything else ===
+
+    /// Forwards a write (or any non-cacheable method) exactly once, streaming
+    /// its body, and invalidates what a successful write changed.
+    async fn write(
+        &self,
+        request: Request<Incoming>,
+        params: &QueryParams<'_>,
+        outcome: Outcome,
+    ) -> Result<Handled, ProxyError> {
+        let (parts, body) = request.into_parts();
+        let max_body = self.config.max_body_bytes;
+        let mut body_params: Vec<(String, String)> = Vec::new();
+        let upstream_body = if body.is_end_stream() {
+            empty_body()
+        } else if outcome == Outcome::Write && parseable_write_body(&parts.headers) {
+            match collect_up_to(body, MAX_PARSED_WRITE_BODY.min(max_body))
+                .await
+                .map_err(ProxyError::ClientBody)?
+            {
+                Collected::Complete(bytes) => {
+                    body_params = write_body_params(&parts.headers, &bytes);
+                    full_body(bytes)
+                }
+                Collected::Overflow { prefix, rest } => limited_body(
+                    ResponseBody::Relay { prefix: Some(prefix), rest },
+                    max_body,
+                ),
+            }
+        } else {
+            limited_body(body, max_body)
+        };
+        let mut headers = parts.headers.clone();
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::ACCEPT_ENCODING);
+        let mut request = Request::new(upstream_body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = self.upstream.uri_for(parts.uri.path_and_query());
+        *request.headers_mut() = headers;
+        let response = self.upstream.send(request, &self.metrics).await?;
+        if outcome == Outcome::Write && response.status().is_success() {
+            let objects = objects_of(
+                parts.uri.path(),
+                params.iter().chain(body_params.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+            );
+            let dropped = self.store.invalidate_objects(&objects).await;
+            self.metrics.count_invalidated(dropped);
+        }
+        check_encoding(&parts.headers, response.headers())?;
+        let status = cache_status("method", Some(response.status().as_u16()), false, None);
+        Ok(relay(&parts, response, status, outcome))
+    }
+}
+
+/// What a cacheable read needs once it goes upstream.
+struct Fetch {
+    key: CacheKey,
+    policy: CachePolicy,
+    objects: Arc<[ObjectId]>,
+    ticket: ReadTicket,
+    entry: Option<Arc<CachedResponse>>,
+    /// The client asked for revalidation (`no-cache`).
+    forced: bool,
+}
+
+/// Reads a GET body to tell "no body" (including the Node SDK's `{}`) from a
+/// real one. Reading it also keeps the keep-alive connection healthy.
+async fn read_get_body(body: Incoming) -> Result<GetBody, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(GetBody::Nothing);
+    }
+    let collected = tokio::time::timeout(GET_BODY_TIMEOUT, collect_up_to(body, MAX_GET_BODY))
+        .await
+        .map_err(|_| ProxyError::BadRequest("the request body was not received in time"))?
+        .map_err(ProxyError::ClientBody)?;
+    match collected {
+        Collected::Complete(bytes) => {
+            let trimmed = bytes.trim_ascii();
+            if trimmed.is_empty() || trimmed == b"{}" {
+                Ok(GetBody::Nothing)
+            } else {
+                Ok(GetBody::Some(bytes))
+            }
+        }
+        Collected::Overflow { .. } => Err(ProxyError::BodyTooLarge { limit: MAX_GET_BODY }),
+    }
+}
+
+/// A response from a stored entry: a 304 when the client's own
+/// `If-None-Match` matches, else the stored body. Shares the body bytes.
+fn serve_entry(
+    parts: &Parts,
+    entry: &CachedResponse,
+    now: Instant,
+    cache_status: HeaderValue,
+    outcome: Outcome,
+) -> Handled {
+    let age = age_value(entry.age(now).as_secs());
+    if entry.etag.as_ref().is_some_and(|tag| if_none_match_matches(&parts.headers, tag)) {
+        let mut response = not_modified(&entry.headers, cache_status);
+        response.headers_mut().insert(header::AGE, age);
+        return Handled::new(response, outcome);
+    }
+    let mut response = Response::new(if parts.method == Method::HEAD {
+        ResponseBody::Empty
+    } else {
+        ResponseBody::full(entry.body.clone())
+    });
+    let headers = response.headers_mut();
+    headers.reserve(entry.headers.len() + 3);
+    headers.extend(entry.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
+    headers.insert(header::AGE, age);
+    headers.insert(CACHE_STATUS, cache_status);
+    if parts.method == Method::HEAD {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
+    }
+    Handled::new(response, outcome)
+}
+
+/// A 304 carrying the validator and caching headers of `headers`.
+fn not_modified(headers: &HeaderMap, cache_status: HeaderValue) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::Empty);
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    let out = response.headers_mut();
+    for name in [header::ETAG, header::CACHE_CONTROL, header::EXPIRES, header::VARY] {
+        if let Some(value) = headers.get(&name) {
+            out.insert(name, value.clone());
+        }
+    }
+    out.insert(CACHE_STATUS, cache_status);
+    response
+}
+
+/// A collected upstream answer sent to the client.
+fn full_response(
+    parts: &Parts,
+    head: http::response::Parts,
+    body: Bytes,
+    cache_status: HeaderValue,
+) -> Response<ResponseBody> {
+    let length = body.len();
+    let body = if parts.method == Method::HEAD { ResponseBody::Empty } else { ResponseBody::full(body) };
+    let mut response = Response::from_parts(head, body);
+    response.headers_mut().remove(header::CONTENT_LENGTH);
+    if parts.method == Method::HEAD {
+        response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    response.headers_mut().insert(CACHE_STATUS, cache_status);
+    response
+}
+
+/// Streams an upstream answer to the client, minus hop-by-hop headers.
+fn relay<B>(parts: &Parts, response: Response<B>, cache_status: HeaderValue, outcome: Outcome) -> Handled
+where
+    B: Into<ResponseBody>,
+{
+    let (mut head, body) = response.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    head.headers.insert(CACHE_STATUS, cache_status);
+    let body = if parts.method == Method::HEAD { ResponseBody::Empty } else { body.into() };
+    Handled::new(Response::from_parts(head, body), outcome)
+}
+
+impl From<Incoming> for ResponseBody {
+    fn from(rest: Incoming) -> Self {
+        ResponseBody::Relay { prefix: None, rest }
+    }
+}
+
+/// Refuses to relay an encoded body to a client that did not accept it.
+/// graphcache asks upstream for identity, so this only trips on an upstream
+/// that ignores `Accept-Encoding`.
+fn check_encoding(request: &HeaderMap, response: &HeaderMap) -> Result<(), ProxyError> {
+    if is_encoded(response) && !accepts_gzip(request) {
+        return Err(ProxyError::UpstreamEncoding);
+    }
+    Ok(())
+}
+
+/// A 200 head that may be stored: no cookies, no content encoding.
+fn storable_head(headers: &HeaderMap) -> bool {
+    !headers.contains_key(header::SET_COOKIE) && !is_encoded(headers)
+}
+
+/// A 200 body that may be stored: not an error envelope (Graph answers some
+/// errors with 200, e.g. with `suppress_http_code=1`), and no paging links
+/// minted for a batch (`_fb_batch_`), which fail when followed directly.
+fn storable_body(body: &Bytes) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        error: Option<serde::de::IgnoredAny>,
+    }
+    if memchr::memmem::find(body, b"_fb_batch_").is_some() {
+        return false;
+    }
+    match serde_json::from_slice::<Envelope>(body) {
+        Ok(envelope) => envelope.error.is_none(),
+        // Arrays and scalars are not envelopes; a malformed object is not kept.
+        Err(_) => !body.trim_ascii_start().starts_with(b"{"),
+    }
+}
+
+fn parseable_write_body(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            let ct = ct.to_ascii_lowercase();
+            ct.starts_with("application/x-www-form-urlencoded") || ct.starts_with("application/json")
+        })
+}
+
+/// Top-level parameters of a form or JSON write body, for object ids.
+fn write_body_params(headers: &HeaderMap, body: &[u8]) -> Vec<(String, String)> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().to_ascii_lowercase().starts_with(b"application/json"));
+    if !is_json {
+        return form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    }
+    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) {
+        Ok(map) => map
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// An RFC 9211 `Cache-Status` value for a forwarded request.
+fn cache_status(fwd: &str, fwd_status: Option<u16>, stored: bool, detail: Option<&str>) -> HeaderValue {
+    let mut value = String::with_capacity(64);
+    value.push_str("graphcache; fwd=");
+    value.push_str(fwd);
+    if let Some(status) = fwd_status {
+        value.push_str("; fwd-status=");
+        value.push_str(&status.to_string());
+    }
+    if stored {
+        value.push_str("; stored");
+    }
+    if let Some(detail) = detail {
+        value.push_str("; detail=");
+        value.push_str(detail);
+    }
+    HeaderValue::from_str(&value).expect("cache-status is ASCII")
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+fn empty_body() -> UpstreamBody {
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+}
+
+fn full_body(bytes: Bytes) -> UpstreamBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn limited_body<B>(body: B, limit: usize) -> UpstreamBody
+where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    Limited::new(body, limit).boxed()
+}
+
+/// A copy of an entry's data for storing while the original is served.
+fn clone_entry(entry: &CachedResponse) -> CachedResponse {
+    let mut copy = CachedResponse::new(
+        entry.headers.clone(),
+        entry.body.clone(),
+        entry.etag.clone(),
+        entry.policy,
+        entry.objects.clone(),
+    );
+    copy.stored_at = entry.stored_at;
+    copy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_envelopes_and_batch_links_are_not_stored() {
+        assert!(storable_body(&Bytes::from_static(b"{\"id\":\"1\",\"name\":\"a\"}")));
+        assert!(storable_body(&Bytes::from_static(b"[1,2]")));
+        assert!(storable_body(&Bytes::from_static(b"true")));
+        assert!(!storable_body(&Bytes::from_static(b"{\"error\":{\"code\":190}}")));
+        assert!(!storable_body(&Bytes::from_static(b" {\"error\" : {}}")));
+        assert!(!storable_body(&Bytes::from_static(
+            b"{\"data\":[],\"paging\":{\"next\":\"https://x/?_fb_batch_child_request=1\"}}"
+        )));
+        // A field merely named like an error inside data is fine.
+        assert!(storable_body(&Bytes::from_static(b"{\"data\":[{\"error\":1}]}")));
+    }
+
+    #[test]
+    fn cache_status_values() {
+        assert_eq!(cache_status("stale", Some(304), false, None), "graphcache; fwd=stale; fwd-status=304");
+        assert_eq!(
+            cache_status("uri-miss", Some(200), true, None),
+            "graphcache; fwd=uri-miss; fwd-status=200; stored"
+        );
+        assert_eq!(
+            cache_status("stale", None, false, Some("stale-if-error")),
+            "graphcache; fwd=stale; detail=stale-if-error"
+        );
+    }
+
+    #[test]
+    fn write_body_parameters_from_form_and_json() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-www-form-urlencoded"));
+        assert_eq!(write_body_params(&h, b"adset_id=5&name=x"), [("adset_id".into(), "5".into()), ("name".into(), "x".into())]);
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        assert_eq!(write_body_params(&h, br#"{"campaign_id":7}"#), [("campaign_id".into(), "7".into())]);
+        assert!(write_body_params(&h, b"not json").is_empty());
+    }
+}

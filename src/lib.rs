@@ -1,0 +1,31 @@
+//! graphcache: a caching reverse proxy sidecar for Meta's Graph API.
+//!
+//! One module per stage of the request path:
+//! - [`server`]: listeners, HTTP/1.1 and HTTP/2 connections, graceful drain;
+//! - [`handler`]: classify each request, serve from cache, revalidate, fetch,
+//!   pass writes through and invalidate;
+//! - [`key`]: cache keys and token identities (blake3; tokens never stored);
+//! - [`routes`]: per-route cache policy and the Graph objects a request touches;
+//! - [`cache`]: the byte-bounded store and its object index;
+//! - [`upstream`]: the pooled rustls client for the one configured upstream;
+//! - [`headers`], [`body`], [`redact`]: small pure helpers;
+//! - [`error`]: errors graphcache makes, rendered as Graph error envelopes;
+//! - [`metrics`], [`admin`]: Prometheus metrics and the admin listener;
+//! - [`config`]: flags, environment, TOML file, validation.
+
+pub mod admin;
+pub mod body;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod handler;
+pub mod headers;
+pub mod key;
+pub mod metrics;
+pub mod redact;
+pub mod routes;
+pub mod server;
+pub mod upstream;
+
+pub use config::{Cli, Config};
+pub use server::Graphcache;

@@ -1,0 +1,190 @@
+//! Prometheus metrics. Names are constants here because dashboards and alert
+//! rules depend on the exact strings. No label ever carries a token.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::cache::Store;
+
+pub const REQUESTS: &str = "graphcache_requests_total";
+pub const UPSTREAM_REQUESTS: &str = "graphcache_upstream_requests_total";
+pub const UPSTREAM_DURATION: &str = "graphcache_upstream_request_duration_seconds";
+pub const CACHE_ENTRIES: &str = "graphcache_cache_entries";
+pub const CACHE_BYTES: &str = "graphcache_cache_size_bytes";
+pub const CACHE_EVICTIONS: &str = "graphcache_cache_evictions_total";
+pub const CACHE_INVALIDATIONS: &str = "graphcache_cache_invalidated_entries_total";
+
+/// What the cache did for one client request; the `cache` label of
+/// [`REQUESTS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Served from memory, no upstream call.
+    Hit,
+    /// Revalidated upstream, 304, stored body served.
+    Revalidated,
+    /// Revalidated upstream, changed: new body stored and served.
+    Refreshed,
+    /// No entry: forwarded.
+    Miss,
+    /// Upstream failed; a stale entry was served.
+    Stale,
+    /// Cacheable method but not cached by rule or request.
+    Bypass,
+    /// A write, forwarded once.
+    Write,
+    /// Any other request, passed through.
+    Pass,
+    /// Answered by graphcache with an error envelope.
+    Error,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Hit,
+        Outcome::Revalidated,
+        Outcome::Refreshed,
+        Outcome::Miss,
+        Outcome::Stale,
+        Outcome::Bypass,
+        Outcome::Write,
+        Outcome::Pass,
+        Outcome::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Revalidated => "revalidated",
+            Outcome::Refreshed => "refreshed",
+            Outcome::Miss => "miss",
+            Outcome::Stale => "stale",
+            Outcome::Bypass => "bypass",
+            Outcome::Write => "write",
+            Outcome::Pass => "pass",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// All of graphcache's metrics in one registry.
+pub struct Metrics {
+    registry: Registry,
+    /// Pre-resolved per outcome, so counting a hit does no label lookup.
+    requests: [IntCounter; Outcome::ALL.len()],
+    upstream_requests: IntCounterVec,
+    upstream_duration: Histogram,
+    cache_entries: IntGauge,
+    cache_bytes: IntGauge,
+    evictions: IntCounterVec,
+    invalidations: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests_vec = IntCounterVec::new(
+            Opts::new(REQUESTS, "Client requests by what the cache did."),
+            &["cache"],
+        )
+        .expect("valid metric");
+        let requests = Outcome::ALL.map(|o| requests_vec.with_label_values(&[o.as_str()]));
+        let upstream_requests = IntCounterVec::new(
+            Opts::new(UPSTREAM_REQUESTS, "Requests sent upstream, by response status class (or error)."),
+            &["status_class"],
+        )
+        .expect("valid metric");
+        let upstream_duration = Histogram::with_opts(
+            HistogramOpts::new(UPSTREAM_DURATION, "Time from sending a request upstream to its response head.")
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+        )
+        .expect("valid metric");
+        let cache_entries = IntGauge::new(CACHE_ENTRIES, "Entries in the cache.").expect("valid metric");
+        let cache_bytes = IntGauge::new(CACHE_BYTES, "Weighted size of the cache (bodies and headers).")
+            .expect("valid metric");
+        let evictions = IntCounterVec::new(
+            Opts::new(CACHE_EVICTIONS, "Entries removed by the cache, by cause (size, expired, explicit)."),
+            &["cause"],
+        )
+        .expect("valid metric");
+        let invalidations = IntCounter::new(
+            CACHE_INVALIDATIONS,
+            "Entries dropped because a write changed their object.",
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests_vec) as Box<dyn prometheus::core::Collector>,
+            Box::new(upstream_requests.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(cache_entries.clone()),
+            Box::new(cache_bytes.clone()),
+            Box::new(evictions.clone()),
+            Box::new(invalidations.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Self {
+            registry,
+            requests,
+            upstream_requests,
+            upstream_duration,
+            cache_entries,
+            cache_bytes,
+            evictions,
+            invalidations,
+        }
+    }
+
+    pub fn count_request(&self, outcome: Outcome) {
+        self.requests[outcome as usize].inc();
+    }
+
+    /// Records one upstream exchange: its status (None for a transport error
+    /// or timeout) and how long the response head took.
+    pub fn observe_upstream(&self, status: Option<http::StatusCode>, seconds: f64) {
+        let class = match status.map(|s| s.as_u16() / 100) {
+            Some(1) => "1xx",
+            Some(2) => "2xx",
+            Some(3) => "3xx",
+            Some(4) => "4xx",
+            Some(5) => "5xx",
+            _ => "error",
+        };
+        self.upstream_requests.with_label_values(&[class]).inc();
+        self.upstream_duration.observe(seconds);
+    }
+
+    pub fn count_eviction(&self, cause: moka::notification::RemovalCause) {
+        use moka::notification::RemovalCause::*;
+        let cause = match cause {
+            Size => "size",
+            Expired => "expired",
+            Explicit => "explicit",
+            Replaced => "replaced",
+        };
+        self.evictions.with_label_values(&[cause]).inc();
+    }
+
+    pub fn count_invalidated(&self, entries: usize) {
+        self.invalidations.inc_by(entries as u64);
+    }
+
+    /// The Prometheus text exposition, with cache gauges read now.
+    pub async fn render(&self, store: &Store) -> String {
+        store.sync().await;
+        self.cache_entries.set(store.entry_count() as i64);
+        self.cache_bytes.set(store.weighted_size() as i64);
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("exposition is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,171 @@
+//! Listeners and connections: accept, serve HTTP/1.1 and HTTP/2 (cleartext,
+//! by preface) with explicit limits, and drain gracefully on shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::admin::Admin;
+use crate::cache::Store;
+use crate::config::Config;
+use crate::handler::Proxy;
+use crate::key::TokenHasher;
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+
+/// A bound, not yet running graphcache: both listeners are open, so a caller
+/// (or a test) can learn the ephemeral ports before traffic starts.
+pub struct Graphcache {
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    proxy: Arc<Proxy>,
+    admin: Arc<Admin>,
+    ready: Arc<AtomicBool>,
+}
+
+impl Graphcache {
+    /// Binds the client and admin listeners and builds the shared state.
+    pub async fn bind(config: Config) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let admin_listener = TcpListener::bind(config.admin_listen).await?;
+        let metrics = Arc::new(Metrics::new());
+        let evictions = metrics.clone();
+        // Write marks must outlive any read in flight: reads time out upstream.
+        let write_memory = config.upstream_timeout * 2;
+        let store = Store::new(
+            config.cache_max_bytes,
+            write_memory,
+            Arc::new(move |cause| evictions.count_eviction(cause)),
+        );
+        let upstream = Upstream::new(&config);
+        let ready = Arc::new(AtomicBool::new(false));
+        let proxy = Arc::new(Proxy {
+            config: Arc::new(config),
+            store: store.clone(),
+            upstream,
+            metrics: metrics.clone(),
+            tokens: TokenHasher::random(),
+        });
+        let admin = Arc::new(Admin { metrics, store, ready: ready.clone() });
+        Ok(Self { listener, admin_listener, proxy, admin, ready })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
+    /// requests finish for up to the configured grace period, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let config = self.proxy.config.clone();
+        let builder = connection_builder(&config);
+        let graceful = GracefulShutdown::new();
+        let admin_graceful = GracefulShutdown::new();
+        let permits = Arc::new(Semaphore::new(config.max_connections));
+        self.ready.store(true, Ordering::Release);
+        tracing::info!(
+            listen = %self.local_addr(),
+            admin = %self.admin_addr(),
+            upstream = %config.upstream,
+            "graphcache serving"
+        );
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = accept_with_permit(&self.listener, &permits) => {
+                    let Some((stream, peer, permit)) = accepted else { continue };
+                    let proxy = self.proxy.clone();
+                    let service = service_fn(move |request| {
+                        let proxy = proxy.clone();
+                        async move { Ok::<_, std::convert::Infallible>(proxy.handle(request).await) }
+                    });
+                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%peer, %error, "client connection ended with an error");
+                        }
+                        drop(permit);
+                    });
+                }
+                accepted = self.admin_listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let admin = self.admin.clone();
+                    let service = service_fn(move |request| {
+                        let admin = admin.clone();
+                        async move { admin.handle(request).await }
+                    });
+                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let connection = admin_graceful.watch(connection);
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                }
+            }
+        }
+        self.ready.store(false, Ordering::Release);
+        drop(self.listener);
+        tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining connections");
+        tokio::select! {
+            () = graceful.shutdown() => tracing::info!("all connections drained"),
+            () = tokio::time::sleep(config.shutdown_grace) => {
+                tracing::warn!("grace period over with connections still open");
+            }
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), admin_graceful.shutdown()).await;
+    }
+}
+
+/// Accepts one connection once a connection slot is free. Accept errors
+/// (e.g. out of file descriptors) are logged and retried after a pause.
+async fn accept_with_permit(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+) -> Option<(TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit)> {
+    let permit = permits.clone().acquire_owned().await.ok()?;
+    match listener.accept().await {
+        Ok((stream, peer)) => {
+            let _ = stream.set_nodelay(true);
+            Some((stream, peer, permit))
+        }
+        Err(error) => {
+            tracing::warn!(%error, "accept failed");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            None
+        }
+    }
+}
+
+/// One connection builder for all listeners, with explicit limits.
+fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's own head limit sits above graphcache's, so an oversized head
+    // normally gets graphcache's 431 envelope; hyper's bare 431 is the backstop.
+    let head_limit = (config.max_header_bytes + (16 << 10)).max(8192);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(head_limit)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(head_limit).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+    builder
+}
