@@ -215,6 +215,7 @@ impl Proxy {
             }
         };
         let status = response.status();
+        check_encoding(&parts.headers, response.headers())?;
         if status == StatusCode::NOT_MODIFIED {
             if let (Some(entry), Some(_)) = (&fetch.entry, &validator) {
                 let refreshed = entry.revalidated(response.headers().get(header::ETAG).cloned());

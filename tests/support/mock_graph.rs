@@ -1,0 +1,406 @@
+//! A mock Graph API upstream that behaves like the real one where graphcache
+//! cares: strong quoted ETags over body and User-Agent, 304s, per-token data
+//! (paging links embed the token), error envelopes, usage headers, writes that
+//! change data, and injectable delays, holds and outages. It counts what it
+//! receives so tests can assert what reached "Graph".
+//!
+//! Shared by the integration tests and `cargo run --example mock-graph`.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// What the mock does instead of answering normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    None,
+    /// Answer every request with this 5xx status and a Graph error envelope.
+    Status(u16),
+    /// Close the connection without answering.
+    Close,
+}
+
+/// One request as the mock received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    conditional: AtomicU64,
+    not_modified: AtomicU64,
+    writes: AtomicU64,
+}
+
+struct State {
+    /// Per-object change counter; writes bump it, so bodies and ETags change.
+    versions: Mutex<HashMap<String, u64>>,
+    seen: Mutex<Vec<Seen>>,
+    counters: Counters,
+    delay: Mutex<Duration>,
+    outage: Mutex<Outage>,
+    /// While true, requests whose path contains `held_path` wait.
+    hold: watch::Sender<bool>,
+    held_path: Mutex<Option<String>>,
+    /// Notified with the running count of requests received.
+    arrivals: watch::Sender<u64>,
+}
+
+/// Handle to a running mock Graph server.
+#[derive(Clone)]
+pub struct MockGraph {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+}
+
+impl MockGraph {
+    /// Starts the mock on an ephemeral loopback port.
+    pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("mock binds");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            versions: Mutex::default(),
+            seen: Mutex::default(),
+            counters: Counters::default(),
+            delay: Mutex::new(Duration::ZERO),
+            outage: Mutex::new(Outage::None),
+            hold: watch::channel(false).0,
+            held_path: Mutex::new(None),
+            arrivals: watch::channel(0).0,
+        });
+        let serve_state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = serve_state.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let state = state.clone();
+                        async move {
+                            let response = handle(state.clone(), req).await;
+                            if *state.outage.lock().unwrap() == Outage::Close {
+                                // An error from the service makes hyper drop
+                                // the connection without an answer.
+                                return Err(std::io::Error::other("outage"));
+                            }
+                            Ok::<_, std::io::Error>(response)
+                        }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests received (of any kind, including ones held or failed).
+    pub fn requests(&self) -> u64 {
+        self.state.counters.requests.load(Ordering::SeqCst)
+    }
+    /// GETs that carried `If-None-Match`.
+    pub fn conditional(&self) -> u64 {
+        self.state.counters.conditional.load(Ordering::SeqCst)
+    }
+    /// 304 answers sent.
+    pub fn not_modified(&self) -> u64 {
+        self.state.counters.not_modified.load(Ordering::SeqCst)
+    }
+    /// Non-GET requests received.
+    pub fn writes(&self) -> u64 {
+        self.state.counters.writes.load(Ordering::SeqCst)
+    }
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+    pub fn last(&self) -> Seen {
+        self.seen().pop().expect("the mock received a request")
+    }
+    /// Changes object `id` as a write would: its bodies and ETags change.
+    pub fn touch(&self, id: &str) {
+        *self.state.versions.lock().unwrap().entry(id.to_owned()).or_default() += 1;
+    }
+    pub fn set_delay(&self, delay: Duration) {
+        *self.state.delay.lock().unwrap() = delay;
+    }
+    pub fn set_outage(&self, outage: Outage) {
+        *self.state.outage.lock().unwrap() = outage;
+    }
+    /// Holds requests whose path contains `path_part` until [`Self::release`].
+    pub fn hold(&self, path_part: &str) {
+        *self.state.held_path.lock().unwrap() = Some(path_part.to_owned());
+        self.state.hold.send_replace(true);
+    }
+    pub fn release(&self) {
+        self.state.hold.send_replace(false);
+    }
+    /// Waits until at least `n` requests have arrived (a signal, not a sleep).
+    pub async fn wait_for_requests(&self, n: u64) {
+        let mut rx = self.state.arrivals.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|&c| c >= n))
+            .await
+            .expect("requests arrive at the mock in time")
+            .expect("mock is alive");
+    }
+
+    /// The ETag the mock gives `body` for `user_agent`.
+    pub fn etag_for(body: &[u8], user_agent: &str) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(body);
+        h.update(b"\0");
+        h.update(user_agent.as_bytes());
+        format!("\"{}\"", &h.finalize().to_hex()[..40])
+    }
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().unwrap_or("").to_owned();
+    let seen = Seen {
+        method: parts.method.clone(),
+        path: path.clone(),
+        query: query.clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    };
+    state.seen.lock().unwrap().push(seen);
+    let n = state.counters.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    if parts.method != Method::GET && parts.method != Method::HEAD {
+        state.counters.writes.fetch_add(1, Ordering::SeqCst);
+    }
+    state.arrivals.send_replace(n);
+
+    let held = state.held_path.lock().unwrap().clone();
+    if held.is_some_and(|p| path.contains(&p)) {
+        let mut rx = state.hold.subscribe();
+        let _ = rx.wait_for(|&holding| !holding).await;
+    }
+    let delay = *state.delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    match *state.outage.lock().unwrap() {
+        Outage::None => {}
+        Outage::Status(code) => {
+            let status = StatusCode::from_u16(code).unwrap();
+            return envelope(status, 2, "Service temporarily unavailable", "OAuthException");
+        }
+        Outage::Close => return Response::new(Full::new(Bytes::new())),
+    }
+
+    let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let token = params
+        .get("access_token")
+        .cloned()
+        .or_else(|| {
+            parts
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split_once(' '))
+                .map(|(_, t)| t.to_owned())
+        })
+        .unwrap_or_default();
+    if token == "bad" {
+        return envelope(StatusCode::BAD_REQUEST, 190, "Invalid OAuth access token.", "OAuthException");
+    }
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let segments: Vec<&str> = match segments.first() {
+        Some(v) if v.starts_with('v') && v[1..].chars().all(|c| c.is_ascii_digit() || c == '.') && v.len() > 1 => {
+            segments[1..].to_vec()
+        }
+        _ => segments,
+    };
+    let method_override = params.get("method").map(|m| m.to_ascii_uppercase());
+    let is_write = parts.method != Method::GET && parts.method != Method::HEAD || method_override.is_some_and(|m| m != "GET");
+    if is_write {
+        return write(&state, &segments, &params, &body);
+    }
+    read(&state, &parts.headers, &segments, &params, &token)
+}
+
+fn write(state: &State, segments: &[&str], params: &HashMap<String, String>, body: &[u8]) -> Response<Full<Bytes>> {
+    if segments.first() == Some(&"fail") {
+        return envelope(StatusCode::BAD_REQUEST, 100, "Invalid parameter", "OAuthException");
+    }
+    let form: HashMap<String, String> = form_urlencoded::parse(body).into_owned().collect();
+    let mut versions = state.versions.lock().unwrap();
+    if let Some(node) = segments.first() {
+        *versions.entry(node.trim_start_matches("act_").to_owned()).or_default() += 1;
+    }
+    for (k, v) in params.iter().chain(form.iter()) {
+        if k.ends_with("_id") {
+            *versions.entry(v.trim_start_matches("act_").to_owned()).or_default() += 1;
+        }
+    }
+    json_response(StatusCode::OK, json!({"success": true, "id": format!("{}", versions.len() + 1000)}), &HeaderMap::new(), "")
+}
+
+fn read(
+    state: &State,
+    headers: &HeaderMap,
+    segments: &[&str],
+    params: &HashMap<String, String>,
+    token: &str,
+) -> Response<Full<Bytes>> {
+    let node = segments.first().copied().unwrap_or("");
+    let version = |id: &str| state.versions.lock().unwrap().get(id.trim_start_matches("act_")).copied().unwrap_or(0);
+    let token_tag = &blake3::hash(token.as_bytes()).to_hex()[..8];
+    let user_agent = headers.get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mut extra = HeaderMap::new();
+    let body = match (node, segments.get(1)) {
+        ("missing", _) => {
+            return envelope(StatusCode::BAD_REQUEST, 100, "Unsupported get request. Object does not exist", "GraphMethodException")
+        }
+        ("suppressed", _) => {
+            // suppress_http_code=1 style: an error with HTTP 200.
+            return json_response(StatusCode::OK, json!({"error": {"message": "(#100) bad", "type": "OAuthException", "code": 100}}), &HeaderMap::new(), user_agent);
+        }
+        ("cookie", _) => {
+            extra.insert("set-cookie", HeaderValue::from_static("datr=abc; Path=/"));
+            json!({"id": "cookie"})
+        }
+        ("big", _) => {
+            let bytes: usize = params.get("bytes").and_then(|b| b.parse().ok()).unwrap_or(1024);
+            json!({"id": "big", "blob": "x".repeat(bytes)})
+        }
+        ("gzipped", _) => {
+            extra.insert("content-encoding", HeaderValue::from_static("gzip"));
+            json!({"id": "gzipped"})
+        }
+        ("me", None) => json!({"id": format!("user-{token_tag}"), "name": format!("User {token_tag}")}),
+        ("batchlinks", _) => json!({
+            "data": [{"id": "1"}],
+            "paging": {"next": format!("https://graph.facebook.com/v26.0/batchlinks?_fb_batch_child_request=1&access_token={token}")}
+        }),
+        ("", _) => {
+            // Multi-id read: GET /?ids=a,b
+            let ids = params.get("ids").cloned().unwrap_or_default();
+            let mut map = serde_json::Map::new();
+            for id in ids.split(',').filter(|s| !s.is_empty()) {
+                map.insert(id.to_owned(), json!({"id": id, "version": version(id)}));
+            }
+            Value::Object(map)
+        }
+        (node, None) => {
+            let mut object = json!({"id": node, "name": format!("Object {node}"), "version": version(node)});
+            if let Some(fields) = params.get("fields") {
+                object["fields"] = json!(fields);
+            }
+            object
+        }
+        (node, Some(edge)) => {
+            let limit: usize = params.get("limit").and_then(|l| l.parse().ok()).unwrap_or(3);
+            let data: Vec<Value> = (0..limit)
+                .map(|i| json!({"id": format!("{node}_{edge}_{i}"), "version": version(node)}))
+                .collect();
+            json!({
+                "data": data,
+                "paging": {
+                    "cursors": {"after": "QVFI"},
+                    "next": format!("https://graph.facebook.com/v26.0/{node}/{edge}?access_token={token}&limit={limit}&after=QVFI")
+                }
+            })
+        }
+    };
+    let body_bytes = serde_json::to_vec(&body).unwrap();
+    let etag = MockGraph::etag_for(&body_bytes, user_agent);
+    if let Some(inm) = headers.get("if-none-match").and_then(|v| v.to_str().ok()) {
+        state.counters.conditional.fetch_add(1, Ordering::SeqCst);
+        if inm.split(',').any(|t| t.trim() == etag) {
+            state.counters.not_modified.fetch_add(1, Ordering::SeqCst);
+            // Like the documented 304: no ETag, empty body.
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            add_usage(response.headers_mut(), state);
+            return response;
+        }
+    }
+    extra.insert("etag", HeaderValue::from_str(&etag).unwrap());
+    let mut response = Response::new(Full::new(Bytes::from(body_bytes)));
+    let h = response.headers_mut();
+    graph_headers(h);
+    add_usage(h, state);
+    for (k, v) in &extra {
+        h.insert(k, v.clone());
+    }
+    response
+}
+
+fn graph_headers(h: &mut HeaderMap) {
+    h.insert("content-type", HeaderValue::from_static("application/json; charset=UTF-8"));
+    h.insert("cache-control", HeaderValue::from_static("private, no-cache, no-store, must-revalidate"));
+    h.insert("pragma", HeaderValue::from_static("no-cache"));
+    h.insert("expires", HeaderValue::from_static("Sat, 01 Jan 2000 00:00:00 GMT"));
+    h.insert("vary", HeaderValue::from_static("Origin"));
+    h.insert("facebook-api-version", HeaderValue::from_static("v26.0"));
+    h.insert("x-fb-trace-id", HeaderValue::from_static("Cb+uI0bUHiQ"));
+    h.insert("x-fb-debug", HeaderValue::from_static("ge7VDrk9=="));
+}
+
+fn add_usage(h: &mut HeaderMap, state: &State) {
+    let calls = state.counters.requests.load(Ordering::SeqCst).min(100);
+    h.insert(
+        "x-app-usage",
+        HeaderValue::from_str(&format!("{{\"call_count\":{calls},\"total_cputime\":1,\"total_time\":2}}")).unwrap(),
+    );
+}
+
+fn json_response(status: StatusCode, body: Value, extra: &HeaderMap, _ua: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    graph_headers(response.headers_mut());
+    for (k, v) in extra {
+        response.headers_mut().insert(k, v.clone());
+    }
+    response
+}
+
+fn envelope(status: StatusCode, code: u32, message: &str, kind: &str) -> Response<Full<Bytes>> {
+    let body = json!({"error": {"message": message, "type": kind, "code": code, "fbtrace_id": "AmFGcW_3hwDB7qFbl_QdebZ"}});
+    let mut response = json_response(status, body, &HeaderMap::new(), "");
+    response.headers_mut().insert("cache-control", HeaderValue::from_static("no-store"));
+    response.headers_mut().insert(
+        "www-authenticate",
+        HeaderValue::from_str(&format!("OAuth \"Facebook Platform\" \"invalid_request\" \"{message}\"")).unwrap(),
+    );
+    response
+}

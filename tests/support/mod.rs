@@ -1,0 +1,157 @@
+//! Test kit: graphcache in process on ephemeral ports, in front of the mock
+//! Graph upstream, plus a small HTTP client.
+
+#![allow(dead_code)]
+
+pub mod mock_graph;
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use graphcache::{Config, Graphcache};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use mock_graph::{MockGraph, Outage};
+
+/// One answer as a client saw it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn cache_status(&self) -> &str {
+        self.header("cache-status").unwrap_or("")
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is JSON ({e}): {:?}", self.body))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// graphcache running in front of a fresh mock.
+pub struct Harness {
+    pub mock: MockGraph,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// The configuration tests start from: ephemeral ports, quiet, mock upstream.
+pub fn test_config(upstream: &str) -> Config {
+    let mut config = Config::defaults();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.admin_listen = "127.0.0.1:0".parse().unwrap();
+    config.upstream = upstream.parse().unwrap();
+    config.access_log = false;
+    config
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    pub async fn with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let mock = MockGraph::start().await;
+        let mut config = test_config(&mock.url());
+        adjust(&mut config);
+        Self::start_with_mock(mock, config).await
+    }
+
+    pub async fn start_with_mock(mock: MockGraph, config: Config) -> Self {
+        let server = Graphcache::bind(config).await.expect("graphcache binds");
+        let addr = server.local_addr();
+        let admin = server.admin_addr();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        Self {
+            mock,
+            addr,
+            admin,
+            shutdown: Some(tx),
+            task: Some(task),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub async fn get(&self, target: &str) -> Reply {
+        self.send(Method::GET, target, &[], "").await
+    }
+
+    pub async fn get_with(&self, target: &str, headers: &[(&str, &str)]) -> Reply {
+        self.send(Method::GET, target, headers, "").await
+    }
+
+    pub async fn send(&self, method: Method, target: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+        let mut builder = Request::builder().method(method).uri(format!("http://{}{}", self.addr, target));
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let request = builder.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+        let response = self.client.request(request).await.expect("graphcache answers");
+        let (head, body) = response.into_parts();
+        Reply {
+            status: head.status,
+            headers: head.headers,
+            body: body.collect().await.expect("body arrives").to_bytes(),
+        }
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Reply {
+        let request = Request::get(format!("http://{}{}", self.admin, path))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = self.client.request(request).await.expect("admin answers");
+        let (head, body) = response.into_parts();
+        Reply { status: head.status, headers: head.headers, body: body.collect().await.unwrap().to_bytes() }
+    }
+
+    /// The value of one sample in /metrics, e.g. `metric("x_total{cache=\"hit\"}")`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self.admin_get("/metrics").await.text();
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+
+    /// Signals shutdown and waits for graphcache to finish draining.
+    pub async fn stop(mut self) {
+        self.shutdown.take().unwrap().send(()).ok();
+        self.task.take().unwrap().await.unwrap();
+    }
+
+    pub fn signal_shutdown(&mut self) {
+        self.shutdown.take().unwrap().send(()).ok();
+    }
+
+    pub async fn wait_stopped(&mut self) {
+        self.task.take().unwrap().await.unwrap();
+    }
+}
+
+/// An address nothing listens on.
+pub async fn dead_address() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    addr
+}
