@@ -17,7 +17,10 @@ async fn main() {
         .expect("an address such as 127.0.0.1:8089");
     let mock = mock_graph::MockGraph::start_on(addr).await;
     println!("mock Graph API listening on {}", mock.url());
-    println!("try: curl -i '{}/v26.0/act_1/campaigns?access_token=demo'", mock.url());
+    println!(
+        "try: curl -i '{}/v26.0/act_1/campaigns?access_token=demo'",
+        mock.url()
+    );
     let mut last = 0;
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;

@@ -93,7 +93,9 @@ pub async fn collect_up_to(mut body: Incoming, limit: usize) -> Result<Collected
     let mut buf = bytes::BytesMut::new();
     let mut first: Option<Bytes> = None;
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else { continue };
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
         // Most Graph answers arrive in one frame: keep it without copying.
         if first.is_none() && buf.is_empty() {
             first = Some(data);

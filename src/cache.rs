@@ -98,7 +98,11 @@ impl CachedResponse {
     }
 
     fn weight(&self) -> u32 {
-        let headers: usize = self.headers.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len())
+            .sum();
         u32::try_from(self.body.len() + headers + 256).unwrap_or(u32::MAX)
     }
 }
@@ -151,7 +155,12 @@ pub struct Store {
 struct Retention;
 
 impl Expiry<CacheKey, Arc<CachedResponse>> for Retention {
-    fn expire_after_create(&self, _: &CacheKey, value: &Arc<CachedResponse>, _: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _: &CacheKey,
+        value: &Arc<CachedResponse>,
+        _: Instant,
+    ) -> Option<Duration> {
         Some(value.policy.retention())
     }
 
@@ -176,12 +185,14 @@ impl Store {
             .max_capacity(max_bytes)
             .weigher(|_: &CacheKey, v: &Arc<CachedResponse>| v.weight())
             .expire_after(Retention)
-            .eviction_listener(move |key: Arc<CacheKey>, value: Arc<CachedResponse>, cause| {
-                if cause != RemovalCause::Replaced {
-                    on_evict(cause);
-                }
-                unindex(&mut lock(&listener_index), &key, &value);
-            })
+            .eviction_listener(
+                move |key: Arc<CacheKey>, value: Arc<CachedResponse>, cause| {
+                    if cause != RemovalCause::Replaced {
+                        on_evict(cause);
+                    }
+                    unindex(&mut lock(&listener_index), &key, &value);
+                },
+            )
             .build();
         Self {
             cache,
@@ -287,7 +298,10 @@ fn forget_old_writes(index: &mut Index, now: Instant, memory: Duration) {
         if now.saturating_duration_since(*at) < memory {
             break;
         }
-        let (seq, object) = (*seq, index.recent_writes.pop_front().expect("front exists").2);
+        let (seq, object) = (
+            *seq,
+            index.recent_writes.pop_front().expect("front exists").2,
+        );
         if let Some(record) = index.objects.get_mut(&object) {
             if record.last_write == seq {
                 record.last_write = 0;
@@ -300,9 +314,12 @@ fn forget_old_writes(index: &mut Index, now: Instant, memory: Duration) {
 }
 
 fn written_since(index: &Index, objects: &[ObjectId], ticket: ReadTicket) -> bool {
-    objects
-        .iter()
-        .any(|o| index.objects.get(o).is_some_and(|r| r.last_write > ticket.0))
+    objects.iter().any(|o| {
+        index
+            .objects
+            .get(o)
+            .is_some_and(|r| r.last_write > ticket.0)
+    })
 }
 
 /// Removes `key` from its objects' records if this entry is still the one
@@ -366,7 +383,11 @@ mod tests {
     #[tokio::test]
     async fn a_write_invalidates_every_token_of_its_object_only() {
         let s = store();
-        for (path, token) in [("/v1/act_1/ads", "a"), ("/v1/act_1", "b"), ("/v1/act_2", "a")] {
+        for (path, token) in [
+            ("/v1/act_1/ads", "a"),
+            ("/v1/act_1", "b"),
+            ("/v1/act_2", "a"),
+        ] {
             assert!(s.put(key(path, token), entry(path), s.read_ticket()).await);
         }
         let dropped = s.invalidate_objects(&objects_of("/v1/act_1/ads", [])).await;
@@ -384,7 +405,10 @@ mod tests {
         assert!(!s.put(key("/v1/7", "t"), entry("/v1/7"), ticket).await);
         assert!(s.get(&key("/v1/7", "t")).await.is_none());
         // A read that starts after the write stores normally.
-        assert!(s.put(key("/v1/7", "t"), entry("/v1/7"), s.read_ticket()).await);
+        assert!(
+            s.put(key("/v1/7", "t"), entry("/v1/7"), s.read_ticket())
+                .await
+        );
     }
 
     #[tokio::test]

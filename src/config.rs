@@ -17,7 +17,11 @@ use crate::routes::{CachePolicy, RoutePolicies, RouteRule};
 
 /// Command line. The flag names are a contract with users: keep them.
 #[derive(Debug, Default, Parser)]
-#[command(name = "graphcache", version, about = "Caching reverse proxy for the Graph API")]
+#[command(
+    name = "graphcache",
+    version,
+    about = "Caching reverse proxy for the Graph API"
+)]
 pub struct Cli {
     /// TOML config file (also GRAPHCACHE_CONFIG).
     #[arg(long, value_name = "FILE")]
@@ -210,7 +214,10 @@ impl Config {
         let flags: [(&str, Option<toml::Value>); 6] = [
             ("listen", cli.listen.clone().map(toml::Value::String)),
             ("upstream", cli.upstream.clone().map(toml::Value::String)),
-            ("admin_listen", cli.admin_listen.clone().map(toml::Value::String)),
+            (
+                "admin_listen",
+                cli.admin_listen.clone().map(toml::Value::String),
+            ),
             ("fresh_ttl", cli.fresh_ttl.map(int_value)),
             ("max_stale", cli.max_stale.map(int_value)),
             ("cache_max_bytes", cli.cache_max_bytes.map(int_value)),
@@ -220,13 +227,19 @@ impl Config {
                 table.insert(key.to_owned(), value);
             }
         }
-        let raw: RawConfig = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
-            let message = e.message().to_owned();
-            match &file {
-                Some(path) => ConfigError::File { path: path.clone(), message },
-                None => ConfigError::Invalid(message),
-            }
-        })?;
+        let raw: RawConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    let message = e.message().to_owned();
+                    match &file {
+                        Some(path) => ConfigError::File {
+                            path: path.clone(),
+                            message,
+                        },
+                        None => ConfigError::Invalid(message),
+                    }
+                })?;
         raw.validate()
     }
 
@@ -263,12 +276,18 @@ impl RawConfig {
         let positive = |key: &str, v: Option<u64>, default: u64| -> Result<u64, ConfigError> {
             let v = v.unwrap_or(default);
             if v == 0 {
-                Err(ConfigError::Invalid(format!("{key} = 0 is not allowed; expected a positive number")))
+                Err(ConfigError::Invalid(format!(
+                    "{key} = 0 is not allowed; expected a positive number"
+                )))
             } else {
                 Ok(v)
             }
         };
-        let upstream = parse_upstream(self.upstream.as_deref().unwrap_or("https://graph.facebook.com"))?;
+        let upstream = parse_upstream(
+            self.upstream
+                .as_deref()
+                .unwrap_or("https://graph.facebook.com"),
+        )?;
         let default_policy = CachePolicy {
             fresh_ttl: secs(self.fresh_ttl, 0),
             max_stale: secs(self.max_stale, 3600),
@@ -306,22 +325,50 @@ impl RawConfig {
             )));
         }
         let usize_of = |key: &str, v: u64| {
-            usize::try_from(v).map_err(|_| ConfigError::Invalid(format!("{key} = {v} is too large")))
+            usize::try_from(v)
+                .map_err(|_| ConfigError::Invalid(format!("{key} = {v} is too large")))
         };
         Ok(Config {
             listen: addr("listen", self.listen, "127.0.0.1:8080")?,
             admin_listen: addr("admin_listen", self.admin_listen, "127.0.0.1:9090")?,
             upstream,
-            routes: RoutePolicies { default: default_policy, rules },
+            routes: RoutePolicies {
+                default: default_policy,
+                rules,
+            },
             cache_max_bytes: positive("cache_max_bytes", self.cache_max_bytes, 256 << 20)?,
-            max_entry_bytes: usize_of("max_entry_bytes", positive("max_entry_bytes", self.max_entry_bytes, 4 << 20)?)?,
-            max_header_bytes: usize_of("max_header_bytes", positive("max_header_bytes", self.max_header_bytes, 32 << 10)?)?,
-            max_body_bytes: usize_of("max_body_bytes", positive("max_body_bytes", self.max_body_bytes, 64 << 20)?)?,
-            connect_timeout: Duration::from_secs(positive("connect_timeout", self.connect_timeout, 5)?),
-            upstream_timeout: Duration::from_secs(positive("upstream_timeout", self.upstream_timeout, 60)?),
-            header_read_timeout: Duration::from_secs(positive("header_read_timeout", self.header_read_timeout, 10)?),
+            max_entry_bytes: usize_of(
+                "max_entry_bytes",
+                positive("max_entry_bytes", self.max_entry_bytes, 4 << 20)?,
+            )?,
+            max_header_bytes: usize_of(
+                "max_header_bytes",
+                positive("max_header_bytes", self.max_header_bytes, 32 << 10)?,
+            )?,
+            max_body_bytes: usize_of(
+                "max_body_bytes",
+                positive("max_body_bytes", self.max_body_bytes, 64 << 20)?,
+            )?,
+            connect_timeout: Duration::from_secs(positive(
+                "connect_timeout",
+                self.connect_timeout,
+                5,
+            )?),
+            upstream_timeout: Duration::from_secs(positive(
+                "upstream_timeout",
+                self.upstream_timeout,
+                60,
+            )?),
+            header_read_timeout: Duration::from_secs(positive(
+                "header_read_timeout",
+                self.header_read_timeout,
+                10,
+            )?),
             shutdown_grace: secs(self.shutdown_grace, 25),
-            max_connections: usize_of("max_connections", positive("max_connections", self.max_connections, 4096)?)?,
+            max_connections: usize_of(
+                "max_connections",
+                positive("max_connections", self.max_connections, 4096)?,
+            )?,
             access_log: self.access_log.unwrap_or(true),
             log_format,
             log_level,
@@ -336,7 +383,10 @@ fn parse_upstream(value: &str) -> Result<Uri, ConfigError> {
             "upstream = {value:?} {why}; expected a URL such as \"https://graph.facebook.com\""
         ))
     };
-    let uri: Uri = value.trim_end_matches('/').parse().map_err(|_| bad("is not a URL"))?;
+    let uri: Uri = value
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|_| bad("is not a URL"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
         _ => return Err(bad("must use http or https")),
@@ -356,7 +406,10 @@ mod tests {
     use super::*;
 
     fn load(cli: Cli, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        Config::load(&cli, env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        Config::load(
+            &cli,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
     }
 
     fn file(text: &str) -> (tempdir::Guard, PathBuf) {
@@ -373,7 +426,8 @@ mod tests {
             }
         }
         pub fn write(text: &str) -> (Guard, PathBuf) {
-            let path = std::env::temp_dir().join(format!("graphcache-test-{}.toml", rand::random::<u64>()));
+            let path = std::env::temp_dir()
+                .join(format!("graphcache-test-{}.toml", rand::random::<u64>()));
             std::fs::write(&path, text).unwrap();
             (Guard(path.clone()), path)
         }
@@ -393,8 +447,19 @@ mod tests {
     #[test]
     fn precedence_is_flag_then_env_then_file() {
         let (_g, path) = file("fresh_ttl = 1\nmax_stale = 2\ncache_max_bytes = 3\n");
-        let cli = Cli { config: Some(path.clone()), fresh_ttl: Some(10), ..Cli::default() };
-        let c = load(cli, &[("GRAPHCACHE_FRESH_TTL", "20"), ("GRAPHCACHE_MAX_STALE", "30")]).unwrap();
+        let cli = Cli {
+            config: Some(path.clone()),
+            fresh_ttl: Some(10),
+            ..Cli::default()
+        };
+        let c = load(
+            cli,
+            &[
+                ("GRAPHCACHE_FRESH_TTL", "20"),
+                ("GRAPHCACHE_MAX_STALE", "30"),
+            ],
+        )
+        .unwrap();
         assert_eq!(c.routes.default.fresh_ttl, Duration::from_secs(10));
         assert_eq!(c.routes.default.max_stale, Duration::from_secs(30));
         assert_eq!(c.cache_max_bytes, 3);
@@ -405,43 +470,119 @@ mod tests {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/graphcache.toml");
         let text = std::fs::read_to_string(&path).unwrap();
         for key in KEYS {
-            assert!(text.contains(&format!("{key} ")) || text.contains(&format!("[[{key}]]")), "{key} undocumented");
+            assert!(
+                text.contains(&format!("{key} ")) || text.contains(&format!("[[{key}]]")),
+                "{key} undocumented"
+            );
         }
-        load(Cli { config: Some(path), ..Cli::default() }, &[]).unwrap();
+        load(
+            Cli {
+                config: Some(path),
+                ..Cli::default()
+            },
+            &[],
+        )
+        .unwrap();
     }
 
     #[test]
     fn unknown_keys_are_errors_naming_the_key() {
         let (_g, path) = file("fresh_tll = 1\n");
-        let err = load(Cli { config: Some(path), ..Cli::default() }, &[]).unwrap_err().to_string();
+        let err = load(
+            Cli {
+                config: Some(path),
+                ..Cli::default()
+            },
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("fresh_tll"), "{err}");
-        let err = load(Cli::default(), &[("GRAPHCACHE_LISTNE", "x")]).unwrap_err().to_string();
-        assert!(err.contains("GRAPHCACHE_LISTNE") && err.contains("listne"), "{err}");
+        let err = load(Cli::default(), &[("GRAPHCACHE_LISTNE", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("GRAPHCACHE_LISTNE") && err.contains("listne"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_values_name_key_value_and_what_is_allowed() {
-        let err = load(Cli { listen: Some("nowhere".into()), ..Cli::default() }, &[]).unwrap_err().to_string();
-        assert!(err.contains("listen") && err.contains("nowhere") && err.contains("IP:PORT"), "{err}");
-        let err = load(Cli { upstream: Some("ftp://x".into()), ..Cli::default() }, &[]).unwrap_err().to_string();
-        assert!(err.contains("ftp://x") && err.contains("http or https"), "{err}");
-        let err = load(Cli::default(), &[("GRAPHCACHE_LOG_FORMAT", "xml")]).unwrap_err().to_string();
+        let err = load(
+            Cli {
+                listen: Some("nowhere".into()),
+                ..Cli::default()
+            },
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("listen") && err.contains("nowhere") && err.contains("IP:PORT"),
+            "{err}"
+        );
+        let err = load(
+            Cli {
+                upstream: Some("ftp://x".into()),
+                ..Cli::default()
+            },
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("ftp://x") && err.contains("http or https"),
+            "{err}"
+        );
+        let err = load(Cli::default(), &[("GRAPHCACHE_LOG_FORMAT", "xml")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("log_format") && err.contains("xml"), "{err}");
-        let err = load(Cli::default(), &[("GRAPHCACHE_FRESH_TTL", "soon")]).unwrap_err().to_string();
+        let err = load(Cli::default(), &[("GRAPHCACHE_FRESH_TTL", "soon")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("fresh_ttl"), "{err}");
-        let err = load(Cli { upstream: Some("http://h/path".into()), ..Cli::default() }, &[]).unwrap_err().to_string();
+        let err = load(
+            Cli {
+                upstream: Some("http://h/path".into()),
+                ..Cli::default()
+            },
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("path"), "{err}");
     }
 
     #[test]
     fn routes_from_file_and_environment() {
         let (_g, path) = file("[[route]]\nmatch = \"*/insights\"\nfresh_ttl = 300\n[[route]]\nmatch = \"me\"\ncache = false\n");
-        let c = load(Cli { config: Some(path), ..Cli::default() }, &[]).unwrap();
-        assert_eq!(c.routes.policy_for("/v1.0/act_1/insights").fresh_ttl, Duration::from_secs(300));
+        let c = load(
+            Cli {
+                config: Some(path),
+                ..Cli::default()
+            },
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.routes.policy_for("/v1.0/act_1/insights").fresh_ttl,
+            Duration::from_secs(300)
+        );
         assert!(!c.routes.policy_for("/me").cache);
-        let c = load(Cli::default(), &[("GRAPHCACHE_ROUTE", "[{match = \"x\", cache = false}]")]).unwrap();
+        let c = load(
+            Cli::default(),
+            &[("GRAPHCACHE_ROUTE", "[{match = \"x\", cache = false}]")],
+        )
+        .unwrap();
         assert!(!c.routes.policy_for("/x").cache);
-        let err = load(Cli::default(), &[("GRAPHCACHE_ROUTE", "[{match = \"x\", ttl = 1}]")]).unwrap_err().to_string();
+        let err = load(
+            Cli::default(),
+            &[("GRAPHCACHE_ROUTE", "[{match = \"x\", ttl = 1}]")],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("ttl"), "{err}");
     }
 }

@@ -39,7 +39,9 @@ impl ProxyError {
     /// The HTTP status the client sees.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) | Self::ForeignTarget | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::ForeignTarget | Self::ClientBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::Connect => StatusCode::METHOD_NOT_ALLOWED,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -92,7 +94,10 @@ impl ProxyError {
         let mut response = Response::new(ResponseBody::full(Bytes::from(envelope.to_string())));
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json; charset=UTF-8"));
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=UTF-8"),
+        );
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         headers.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.kind()));
         response
@@ -115,14 +120,20 @@ mod tests {
         assert_eq!(v["error"]["code"], 100);
         assert_eq!(v["error"]["type"], "GraphcacheException");
         assert!(v["error"]["message"].as_str().unwrap().contains("10 bytes"));
-        assert!(v["error"]["fbtrace_id"].as_str().unwrap().starts_with("graphcache-"));
+        assert!(v["error"]["fbtrace_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("graphcache-"));
     }
 
     #[test]
     fn statuses() {
         assert_eq!(ProxyError::BadRequest("x").status(), 400);
         assert_eq!(ProxyError::BodyTooLarge { limit: 1 }.status(), 413);
-        assert_eq!(ProxyError::UpstreamTimeout(std::time::Duration::ZERO).status(), 504);
+        assert_eq!(
+            ProxyError::UpstreamTimeout(std::time::Duration::ZERO).status(),
+            504
+        );
         assert_eq!(ProxyError::UpstreamEncoding.status(), 502);
         assert_eq!(ProxyError::Connect.status(), 405);
     }

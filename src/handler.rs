@@ -107,10 +107,15 @@ impl Proxy {
             }
         }
         if header_bytes(request.headers()) > self.config.max_header_bytes {
-            return Err(ProxyError::HeadersTooLarge { limit: self.config.max_header_bytes });
+            return Err(ProxyError::HeadersTooLarge {
+                limit: self.config.max_header_bytes,
+            });
         }
-        if content_length(request.headers()).is_some_and(|n| n > self.config.max_body_bytes as u64) {
-            return Err(ProxyError::BodyTooLarge { limit: self.config.max_body_bytes });
+        if content_length(request.headers()).is_some_and(|n| n > self.config.max_body_bytes as u64)
+        {
+            return Err(ProxyError::BodyTooLarge {
+                limit: self.config.max_body_bytes,
+            });
         }
         let uri = request.uri().clone();
         let params = QueryParams::parse(uri.query());
@@ -124,7 +129,10 @@ impl Proxy {
             }
             return self.read(request, &params).await;
         }
-        let outcome = if matches!(method, Method::POST | Method::PUT | Method::DELETE | Method::PATCH) {
+        let outcome = if matches!(
+            method,
+            Method::POST | Method::PUT | Method::DELETE | Method::PATCH
+        ) {
             Outcome::Write
         } else {
             Outcome::Pass
@@ -134,7 +142,11 @@ impl Proxy {
 
     // === reads ===
 
-    async fn read(&self, request: Request<Incoming>, params: &QueryParams<'_>) -> Result<Handled, ProxyError> {
+    async fn read(
+        &self,
+        request: Request<Incoming>,
+        params: &QueryParams<'_>,
+    ) -> Result<Handled, ProxyError> {
         let (parts, body) = request.into_parts();
         let body = read_get_body(body).await?;
         let path = parts.uri.path();
@@ -146,9 +158,10 @@ impl Proxy {
         if control.no_store || !policy.cache || params.contains("callback") {
             return self.bypass(parts, None).await;
         }
-        let identity = self
-            .tokens
-            .identify(params.get("access_token"), authorization_token(&parts.headers));
+        let identity = self.tokens.identify(
+            params.get("access_token"),
+            authorization_token(&parts.headers),
+        );
         let user_agent = parts
             .headers
             .get(header::USER_AGENT)
@@ -201,7 +214,10 @@ impl Proxy {
         let deadline = tokio::time::Instant::now() + self.upstream.timeout;
         let now = Instant::now;
         let stale_ok = |entry: &Option<Arc<CachedResponse>>| {
-            entry.as_ref().filter(|e| e.freshness(now()) != Freshness::Expired).cloned()
+            entry
+                .as_ref()
+                .filter(|e| e.freshness(now()) != Freshness::Expired)
+                .cloned()
         };
         let response = match self.upstream.send(upstream_request, &self.metrics).await {
             Ok(response) => response,
@@ -225,38 +241,81 @@ impl Proxy {
                     .put(fetch.key, clone_entry(&refreshed), fetch.ticket)
                     .await;
                 let status = cache_status(fwd, Some(304), false, None);
-                return Ok(serve_entry(&parts, &refreshed, now(), status, Outcome::Revalidated));
+                return Ok(serve_entry(
+                    &parts,
+                    &refreshed,
+                    now(),
+                    status,
+                    Outcome::Revalidated,
+                ));
             }
             // The client's own conditional, relayed.
-            return Ok(relay(&parts, response, cache_status(fwd, Some(304), false, None), Outcome::Miss));
+            return Ok(relay(
+                &parts,
+                response,
+                cache_status(fwd, Some(304), false, None),
+                Outcome::Miss,
+            ));
         }
         if status.is_server_error() {
             if let Some(entry) = stale_ok(&fetch.entry) {
-                let status = cache_status("stale", Some(status.as_u16()), false, Some("stale-if-error"));
+                let status = cache_status(
+                    "stale",
+                    Some(status.as_u16()),
+                    false,
+                    Some("stale-if-error"),
+                );
                 return Ok(serve_entry(&parts, &entry, now(), status, Outcome::Stale));
             }
         }
-        let outcome = if fetch.entry.is_some() { Outcome::Refreshed } else { Outcome::Miss };
+        let outcome = if fetch.entry.is_some() {
+            Outcome::Refreshed
+        } else {
+            Outcome::Miss
+        };
         if status != StatusCode::OK || !storable_head(response.headers()) {
             if fetch.entry.is_some() && status.is_client_error() {
                 // The object is gone or no longer readable with this token.
                 self.store.remove(&fetch.key).await;
             }
-            let outcome = if outcome == Outcome::Refreshed { Outcome::Miss } else { outcome };
-            return Ok(relay(&parts, response, cache_status(fwd, Some(status.as_u16()), false, None), outcome));
+            let outcome = if outcome == Outcome::Refreshed {
+                Outcome::Miss
+            } else {
+                outcome
+            };
+            return Ok(relay(
+                &parts,
+                response,
+                cache_status(fwd, Some(status.as_u16()), false, None),
+                outcome,
+            ));
         }
-        if content_length(response.headers()).is_some_and(|n| n > self.config.max_entry_bytes as u64) {
-            return Ok(relay(&parts, response, cache_status(fwd, Some(200), false, Some("too-large")), Outcome::Miss));
+        if content_length(response.headers())
+            .is_some_and(|n| n > self.config.max_entry_bytes as u64)
+        {
+            return Ok(relay(
+                &parts,
+                response,
+                cache_status(fwd, Some(200), false, Some("too-large")),
+                Outcome::Miss,
+            ));
         }
         let (mut head, body) = response.into_parts();
-        let collected = tokio::time::timeout_at(deadline, collect_up_to(body, self.config.max_entry_bytes))
-            .await
-            .map_err(|_| ProxyError::UpstreamTimeout(self.upstream.timeout))?
-            .map_err(ProxyError::UpstreamBody)?;
+        let collected =
+            tokio::time::timeout_at(deadline, collect_up_to(body, self.config.max_entry_bytes))
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout(self.upstream.timeout))?
+                .map_err(ProxyError::UpstreamBody)?;
         let body = match collected {
             Collected::Complete(body) => body,
             Collected::Overflow { prefix, rest } => {
-                let response = Response::from_parts(head, ResponseBody::Relay { prefix: Some(prefix), rest });
+                let response = Response::from_parts(
+                    head,
+                    ResponseBody::Relay {
+                        prefix: Some(prefix),
+                        rest,
+                    },
+                );
                 let status = cache_status(fwd, Some(200), false, Some("too-large"));
                 return Ok(relay(&parts, response, status, Outcome::Miss));
             }
@@ -264,20 +323,33 @@ impl Proxy {
         strip_hop_by_hop(&mut head.headers);
         if !storable_body(&body) {
             let status = cache_status(fwd, Some(200), false, None);
-            return Ok(Handled::new(full_response(&parts, head, body, status), Outcome::Miss));
+            return Ok(Handled::new(
+                full_response(&parts, head, body, status),
+                Outcome::Miss,
+            ));
         }
         let mut stored_headers = head.headers.clone();
         strip_per_call(&mut stored_headers);
         stored_headers.remove(header::CONTENT_LENGTH);
         let etag = stored_headers.get(header::ETAG).cloned();
-        let entry = CachedResponse::new(stored_headers, body.clone(), etag, fetch.policy, fetch.objects);
-        let stored = fetch.policy.retention() > Duration::ZERO && self.store.put(fetch.key, entry, fetch.ticket).await;
+        let entry = CachedResponse::new(
+            stored_headers,
+            body.clone(),
+            etag,
+            fetch.policy,
+            fetch.objects,
+        );
+        let stored = fetch.policy.retention() > Duration::ZERO
+            && self.store.put(fetch.key, entry, fetch.ticket).await;
         let status = cache_status(fwd, Some(200), stored, None);
         let etag = head.headers.get(header::ETAG);
         if etag.is_some_and(|tag| if_none_match_matches(&parts.headers, tag)) {
             return Ok(Handled::new(not_modified(&head.headers, status), outcome));
         }
-        Ok(Handled::new(full_response(&parts, head, body, status), outcome))
+        Ok(Handled::new(
+            full_response(&parts, head, body, status),
+            outcome,
+        ))
     }
 
     /// A cacheable method that must not touch the cache.
@@ -326,7 +398,10 @@ impl Proxy {
                     full_body(bytes)
                 }
                 Collected::Overflow { prefix, rest } => limited_body(
-                    ResponseBody::Relay { prefix: Some(prefix), rest },
+                    ResponseBody::Relay {
+                        prefix: Some(prefix),
+                        rest,
+                    },
                     max_body,
                 ),
             }
@@ -344,7 +419,9 @@ impl Proxy {
         if outcome == Outcome::Write && response.status().is_success() {
             let objects = objects_of(
                 parts.uri.path(),
-                params.iter().chain(body_params.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+                params
+                    .iter()
+                    .chain(body_params.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
             );
             let dropped = self.store.invalidate_objects(&objects).await;
             self.metrics.count_invalidated(dropped);
@@ -385,7 +462,9 @@ async fn read_get_body(body: Incoming) -> Result<GetBody, ProxyError> {
                 Ok(GetBody::Some(bytes))
             }
         }
-        Collected::Overflow { .. } => Err(ProxyError::BodyTooLarge { limit: MAX_GET_BODY }),
+        Collected::Overflow { .. } => Err(ProxyError::BodyTooLarge {
+            limit: MAX_GET_BODY,
+        }),
     }
 }
 
@@ -399,7 +478,11 @@ fn serve_entry(
     outcome: Outcome,
 ) -> Handled {
     let age = age_value(entry.age(now).as_secs());
-    if entry.etag.as_ref().is_some_and(|tag| if_none_match_matches(&parts.headers, tag)) {
+    if entry
+        .etag
+        .as_ref()
+        .is_some_and(|tag| if_none_match_matches(&parts.headers, tag))
+    {
         let mut response = not_modified(&entry.headers, cache_status);
         response.headers_mut().insert(header::AGE, age);
         return Handled::new(response, outcome);
@@ -425,7 +508,12 @@ fn not_modified(headers: &HeaderMap, cache_status: HeaderValue) -> Response<Resp
     let mut response = Response::new(ResponseBody::Empty);
     *response.status_mut() = StatusCode::NOT_MODIFIED;
     let out = response.headers_mut();
-    for name in [header::ETAG, header::CACHE_CONTROL, header::EXPIRES, header::VARY] {
+    for name in [
+        header::ETAG,
+        header::CACHE_CONTROL,
+        header::EXPIRES,
+        header::VARY,
+    ] {
         if let Some(value) = headers.get(&name) {
             out.insert(name, value.clone());
         }
@@ -442,25 +530,40 @@ fn full_response(
     cache_status: HeaderValue,
 ) -> Response<ResponseBody> {
     let length = body.len();
-    let body = if parts.method == Method::HEAD { ResponseBody::Empty } else { ResponseBody::full(body) };
+    let body = if parts.method == Method::HEAD {
+        ResponseBody::Empty
+    } else {
+        ResponseBody::full(body)
+    };
     let mut response = Response::from_parts(head, body);
     response.headers_mut().remove(header::CONTENT_LENGTH);
     if parts.method == Method::HEAD {
-        response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     response.headers_mut().insert(CACHE_STATUS, cache_status);
     response
 }
 
 /// Streams an upstream answer to the client, minus hop-by-hop headers.
-fn relay<B>(parts: &Parts, response: Response<B>, cache_status: HeaderValue, outcome: Outcome) -> Handled
+fn relay<B>(
+    parts: &Parts,
+    response: Response<B>,
+    cache_status: HeaderValue,
+    outcome: Outcome,
+) -> Handled
 where
     B: Into<ResponseBody>,
 {
     let (mut head, body) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);
     head.headers.insert(CACHE_STATUS, cache_status);
-    let body = if parts.method == Method::HEAD { ResponseBody::Empty } else { body.into() };
+    let body = if parts.method == Method::HEAD {
+        ResponseBody::Empty
+    } else {
+        body.into()
+    };
     Handled::new(Response::from_parts(head, body), outcome)
 }
 
@@ -509,17 +612,22 @@ fn parseable_write_body(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| {
             let ct = ct.to_ascii_lowercase();
-            ct.starts_with("application/x-www-form-urlencoded") || ct.starts_with("application/json")
+            ct.starts_with("application/x-www-form-urlencoded")
+                || ct.starts_with("application/json")
         })
 }
 
 /// Top-level parameters of a form or JSON write body, for object ids.
 fn write_body_params(headers: &HeaderMap, body: &[u8]) -> Vec<(String, String)> {
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().to_ascii_lowercase().starts_with(b"application/json"));
+    let is_json = headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        v.as_bytes()
+            .to_ascii_lowercase()
+            .starts_with(b"application/json")
+    });
     if !is_json {
-        return form_urlencoded::parse(body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+        return form_urlencoded::parse(body)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
     }
     match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) {
         Ok(map) => map
@@ -534,7 +642,12 @@ fn write_body_params(headers: &HeaderMap, body: &[u8]) -> Vec<(String, String)> 
 }
 
 /// An RFC 9211 `Cache-Status` value for a forwarded request.
-fn cache_status(fwd: &str, fwd_status: Option<u16>, stored: bool, detail: Option<&str>) -> HeaderValue {
+fn cache_status(
+    fwd: &str,
+    fwd_status: Option<u16>,
+    stored: bool,
+    detail: Option<&str>,
+) -> HeaderValue {
     let mut value = String::with_capacity(64);
     value.push_str("graphcache; fwd=");
     value.push_str(fwd);
@@ -553,11 +666,19 @@ fn cache_status(fwd: &str, fwd_status: Option<u16>, stored: bool, detail: Option
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn empty_body() -> UpstreamBody {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 fn full_body(bytes: Bytes) -> UpstreamBody {
@@ -591,21 +712,30 @@ mod tests {
 
     #[test]
     fn error_envelopes_and_batch_links_are_not_stored() {
-        assert!(storable_body(&Bytes::from_static(b"{\"id\":\"1\",\"name\":\"a\"}")));
+        assert!(storable_body(&Bytes::from_static(
+            b"{\"id\":\"1\",\"name\":\"a\"}"
+        )));
         assert!(storable_body(&Bytes::from_static(b"[1,2]")));
         assert!(storable_body(&Bytes::from_static(b"true")));
-        assert!(!storable_body(&Bytes::from_static(b"{\"error\":{\"code\":190}}")));
+        assert!(!storable_body(&Bytes::from_static(
+            b"{\"error\":{\"code\":190}}"
+        )));
         assert!(!storable_body(&Bytes::from_static(b" {\"error\" : {}}")));
         assert!(!storable_body(&Bytes::from_static(
             b"{\"data\":[],\"paging\":{\"next\":\"https://x/?_fb_batch_child_request=1\"}}"
         )));
         // A field merely named like an error inside data is fine.
-        assert!(storable_body(&Bytes::from_static(b"{\"data\":[{\"error\":1}]}")));
+        assert!(storable_body(&Bytes::from_static(
+            b"{\"data\":[{\"error\":1}]}"
+        )));
     }
 
     #[test]
     fn cache_status_values() {
-        assert_eq!(cache_status("stale", Some(304), false, None), "graphcache; fwd=stale; fwd-status=304");
+        assert_eq!(
+            cache_status("stale", Some(304), false, None),
+            "graphcache; fwd=stale; fwd-status=304"
+        );
         assert_eq!(
             cache_status("uri-miss", Some(200), true, None),
             "graphcache; fwd=uri-miss; fwd-status=200; stored"
@@ -619,10 +749,22 @@ mod tests {
     #[test]
     fn write_body_parameters_from_form_and_json() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-www-form-urlencoded"));
-        assert_eq!(write_body_params(&h, b"adset_id=5&name=x"), [("adset_id".into(), "5".into()), ("name".into(), "x".into())]);
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        assert_eq!(write_body_params(&h, br#"{"campaign_id":7}"#), [("campaign_id".into(), "7".into())]);
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        );
+        assert_eq!(
+            write_body_params(&h, b"adset_id=5&name=x"),
+            [("adset_id".into(), "5".into()), ("name".into(), "x".into())]
+        );
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        assert_eq!(
+            write_body_params(&h, br#"{"campaign_id":7}"#),
+            [("campaign_id".into(), "7".into())]
+        );
         assert!(write_body_params(&h, b"not json").is_empty());
     }
 }

@@ -104,7 +104,9 @@ fn split_tags(list: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = list;
     std::iter::from_fn(move || {
         let mut in_quotes = false;
-        let start = rest.iter().position(|b| !b.is_ascii_whitespace() && *b != b',')?;
+        let start = rest
+            .iter()
+            .position(|b| !b.is_ascii_whitespace() && *b != b',')?;
         rest = &rest[start..];
         let end = rest
             .iter()
@@ -244,7 +246,10 @@ mod tests {
     fn client_cache_control_directives() {
         assert_eq!(
             client_cache_control(&map(&[("cache-control", "No-Store")])),
-            ClientCacheControl { no_store: true, no_cache: false }
+            ClientCacheControl {
+                no_store: true,
+                no_cache: false
+            }
         );
         assert!(client_cache_control(&map(&[("cache-control", "max-age=0")])).no_cache);
         assert!(client_cache_control(&map(&[("pragma", "no-cache")])).no_cache);
@@ -254,22 +259,46 @@ mod tests {
     #[test]
     fn if_none_match_weak_comparison_lists_and_star() {
         let etag = HeaderValue::from_static("\"abc\"");
-        assert!(if_none_match_matches(&map(&[("if-none-match", "\"abc\"")]), &etag));
-        assert!(if_none_match_matches(&map(&[("if-none-match", "W/\"abc\"")]), &etag));
-        assert!(if_none_match_matches(&map(&[("if-none-match", "\"x\", \"abc\"")]), &etag));
-        assert!(if_none_match_matches(&map(&[("if-none-match", "*")]), &etag));
-        assert!(!if_none_match_matches(&map(&[("if-none-match", "\"ab\"")]), &etag));
-        assert!(!if_none_match_matches(&map(&[("if-none-match", "abc")]), &etag));
+        assert!(if_none_match_matches(
+            &map(&[("if-none-match", "\"abc\"")]),
+            &etag
+        ));
+        assert!(if_none_match_matches(
+            &map(&[("if-none-match", "W/\"abc\"")]),
+            &etag
+        ));
+        assert!(if_none_match_matches(
+            &map(&[("if-none-match", "\"x\", \"abc\"")]),
+            &etag
+        ));
+        assert!(if_none_match_matches(
+            &map(&[("if-none-match", "*")]),
+            &etag
+        ));
+        assert!(!if_none_match_matches(
+            &map(&[("if-none-match", "\"ab\"")]),
+            &etag
+        ));
+        assert!(!if_none_match_matches(
+            &map(&[("if-none-match", "abc")]),
+            &etag
+        ));
         assert!(!if_none_match_matches(&HeaderMap::new(), &etag));
         // A comma inside quotes is part of the tag.
         let odd = HeaderValue::from_static("\"a,b\"");
-        assert!(if_none_match_matches(&map(&[("if-none-match", "\"a,b\"")]), &odd));
+        assert!(if_none_match_matches(
+            &map(&[("if-none-match", "\"a,b\"")]),
+            &odd
+        ));
     }
 
     #[test]
     fn gzip_acceptance() {
         assert!(accepts_gzip(&map(&[("accept-encoding", "gzip, deflate")])));
-        assert!(accepts_gzip(&map(&[("accept-encoding", "br;q=1, GZIP;q=0.5")])));
+        assert!(accepts_gzip(&map(&[(
+            "accept-encoding",
+            "br;q=1, GZIP;q=0.5"
+        )])));
         assert!(!accepts_gzip(&map(&[("accept-encoding", "gzip;q=0")])));
         assert!(!accepts_gzip(&map(&[("accept-encoding", "identity")])));
         assert!(!accepts_gzip(&HeaderMap::new()));

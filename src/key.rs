@@ -201,7 +201,10 @@ mod tests {
         assert_ne!(base, key("/v1/x", "a=1", "ub", &id));
         assert_ne!(base, key("/v1/x/", "a=1", "ua", &id));
         // Length prefixes keep field boundaries apart.
-        assert_ne!(key("/v1/x", "ab=c", "ua", &id), key("/v1/x", "a=bc", "ua", &id));
+        assert_ne!(
+            key("/v1/x", "ab=c", "ua", &id),
+            key("/v1/x", "a=bc", "ua", &id)
+        );
     }
 
     #[test]

@@ -91,20 +91,35 @@ impl Metrics {
         .expect("valid metric");
         let requests = Outcome::ALL.map(|o| requests_vec.with_label_values(&[o.as_str()]));
         let upstream_requests = IntCounterVec::new(
-            Opts::new(UPSTREAM_REQUESTS, "Requests sent upstream, by response status class (or error)."),
+            Opts::new(
+                UPSTREAM_REQUESTS,
+                "Requests sent upstream, by response status class (or error).",
+            ),
             &["status_class"],
         )
         .expect("valid metric");
         let upstream_duration = Histogram::with_opts(
-            HistogramOpts::new(UPSTREAM_DURATION, "Time from sending a request upstream to its response head.")
-                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+            HistogramOpts::new(
+                UPSTREAM_DURATION,
+                "Time from sending a request upstream to its response head.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
         )
         .expect("valid metric");
-        let cache_entries = IntGauge::new(CACHE_ENTRIES, "Entries in the cache.").expect("valid metric");
-        let cache_bytes = IntGauge::new(CACHE_BYTES, "Weighted size of the cache (bodies and headers).")
-            .expect("valid metric");
+        let cache_entries =
+            IntGauge::new(CACHE_ENTRIES, "Entries in the cache.").expect("valid metric");
+        let cache_bytes = IntGauge::new(
+            CACHE_BYTES,
+            "Weighted size of the cache (bodies and headers).",
+        )
+        .expect("valid metric");
         let evictions = IntCounterVec::new(
-            Opts::new(CACHE_EVICTIONS, "Entries removed by the cache, by cause (size, expired, explicit)."),
+            Opts::new(
+                CACHE_EVICTIONS,
+                "Entries removed by the cache, by cause (size, expired, explicit).",
+            ),
             &["cause"],
         )
         .expect("valid metric");

@@ -44,12 +44,21 @@ mod tests {
     #[test]
     fn tokens_and_proofs_are_redacted_everything_else_kept() {
         assert_eq!(
-            redact_target("/v1/me", Some("fields=id&access_token=EAAB&appsecret_proof=99&limit=5")),
+            redact_target(
+                "/v1/me",
+                Some("fields=id&access_token=EAAB&appsecret_proof=99&limit=5")
+            ),
             "/v1/me?fields=id&access_token=REDACTED&appsecret_proof=REDACTED&limit=5"
         );
         // Encoded names are recognised too.
-        assert_eq!(redact_target("/x", Some("access%5Ftoken=s")), "/x?access%5Ftoken=REDACTED");
+        assert_eq!(
+            redact_target("/x", Some("access%5Ftoken=s")),
+            "/x?access%5Ftoken=REDACTED"
+        );
         assert_eq!(redact_target("/x", None), "/x");
-        assert_eq!(redact_target("/x", Some("client_secret=a&x")), "/x?client_secret=REDACTED&x");
+        assert_eq!(
+            redact_target("/x", Some("client_secret=a&x")),
+            "/x?client_secret=REDACTED&x"
+        );
     }
 }

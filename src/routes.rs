@@ -28,7 +28,9 @@ impl RouteRule {
     ) -> Self {
         Self {
             pattern: pattern.to_owned(),
-            segments: split_path(strip_version(pattern)).map(str::to_owned).collect(),
+            segments: split_path(strip_version(pattern))
+                .map(str::to_owned)
+                .collect(),
             fresh_ttl,
             max_stale,
             cache,
@@ -154,7 +156,10 @@ impl ObjectId {
 /// The objects a request concerns: the node after the version
 /// (`act_123` in `/v26.0/act_123/ads`) and every id named by an `ids`,
 /// `id`, `*_id` or `*_ids` parameter. Sorted and deduplicated.
-pub fn objects_of<'a>(path: &str, params: impl IntoIterator<Item = (&'a str, &'a str)>) -> Vec<ObjectId> {
+pub fn objects_of<'a>(
+    path: &str,
+    params: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Vec<ObjectId> {
     let mut objects = Vec::new();
     if let Some(node) = split_path(strip_version(path)).next() {
         objects.extend(ObjectId::new(node));
@@ -204,10 +209,19 @@ mod tests {
     #[test]
     fn version_prefix_is_ignored_and_first_rule_wins() {
         let p = policies();
-        assert_eq!(p.policy_for("/v26.0/act_1/insights").fresh_ttl, Duration::from_secs(300));
-        assert_eq!(p.policy_for("/123/insights/").fresh_ttl, Duration::from_secs(300));
+        assert_eq!(
+            p.policy_for("/v26.0/act_1/insights").fresh_ttl,
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            p.policy_for("/123/insights/").fresh_ttl,
+            Duration::from_secs(300)
+        );
         let c = p.policy_for("/v19.0/act_9/campaigns");
-        assert_eq!((c.fresh_ttl, c.max_stale), (Duration::ZERO, Duration::from_secs(5)));
+        assert_eq!(
+            (c.fresh_ttl, c.max_stale),
+            (Duration::ZERO, Duration::from_secs(5))
+        );
         assert!(!p.policy_for("/v1.0/me/adaccounts").cache);
         assert!(!p.policy_for("/me").cache);
         assert_eq!(p.policy_for("/v26.0/123"), p.default);
@@ -228,7 +242,9 @@ mod tests {
 
     #[test]
     fn objects_from_path_and_parameters() {
-        let q = QueryParams::parse(Some("adset_id=42&fields=a,b&ids=7,act_8&creative={\"creative_id\":\"9\"}&name=5"));
+        let q = QueryParams::parse(Some(
+            "adset_id=42&fields=a,b&ids=7,act_8&creative={\"creative_id\":\"9\"}&name=5",
+        ));
         let got: Vec<String> = objects_of("/v26.0/act_123/ads", q.iter())
             .iter()
             .map(|o| o.as_str().to_owned())

@@ -54,16 +54,30 @@ impl Graphcache {
             metrics: metrics.clone(),
             tokens: TokenHasher::random(),
         });
-        let admin = Arc::new(Admin { metrics, store, ready: ready.clone() });
-        Ok(Self { listener, admin_listener, proxy, admin, ready })
+        let admin = Arc::new(Admin {
+            metrics,
+            store,
+            ready: ready.clone(),
+        });
+        Ok(Self {
+            listener,
+            admin_listener,
+            proxy,
+            admin,
+            ready,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_listener.local_addr().expect("bound listener has an address")
+        self.admin_listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
@@ -72,12 +86,18 @@ impl Graphcache {
         let config = self.proxy.config.clone();
         let builder = connection_builder(&config);
         let graceful = GracefulShutdown::new();
-        let admin_graceful = GracefulShutdown::new();
         let permits = Arc::new(Semaphore::new(config.max_connections));
+        // The admin listener outlives the drain, so /readyz can say "draining".
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin_task = tokio::spawn(serve_admin(
+            self.admin_listener,
+            self.admin.clone(),
+            builder.clone(),
+            admin_stopped,
+        ));
         self.ready.store(true, Ordering::Release);
         tracing::info!(
-            listen = %self.local_addr(),
-            admin = %self.admin_addr(),
+            listen = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             upstream = %config.upstream,
             "graphcache serving"
         );
@@ -101,19 +121,6 @@ impl Graphcache {
                         drop(permit);
                     });
                 }
-                accepted = self.admin_listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
-                    let admin = self.admin.clone();
-                    let service = service_fn(move |request| {
-                        let admin = admin.clone();
-                        async move { admin.handle(request).await }
-                    });
-                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    let connection = admin_graceful.watch(connection);
-                    tokio::spawn(async move {
-                        let _ = connection.await;
-                    });
-                }
             }
         }
         self.ready.store(false, Ordering::Release);
@@ -125,8 +132,40 @@ impl Graphcache {
                 tracing::warn!("grace period over with connections still open");
             }
         }
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), admin_graceful.shutdown()).await;
+        let _ = admin_stop.send(());
+        let _ = admin_task.await;
     }
+}
+
+/// Serves the admin endpoints until `stop` fires.
+async fn serve_admin(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    builder: auto::Builder<TokioExecutor>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    tracing::info!(admin = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin serving");
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let admin = admin.clone();
+                let service = service_fn(move |request| {
+                    let admin = admin.clone();
+                    async move { admin.handle(request).await }
+                });
+                let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), graceful.shutdown()).await;
 }
 
 /// Accepts one connection once a connection slot is free. Accept errors

@@ -20,24 +20,48 @@ fn fresh(seconds: u64) -> impl FnOnce(&mut graphcache::Config) {
 #[tokio::test]
 async fn miss_is_stored_then_revalidated_with_the_stored_etag() {
     let h = Harness::start().await;
-    let first = h.get("/v26.0/act_1/campaigns?access_token=EAAtokenA&fields=name").await;
+    let first = h
+        .get("/v26.0/act_1/campaigns?access_token=EAAtokenA&fields=name")
+        .await;
     assert_eq!(first.status, 200);
-    assert_eq!(first.cache_status(), "graphcache; fwd=uri-miss; fwd-status=200; stored");
+    assert_eq!(
+        first.cache_status(),
+        "graphcache; fwd=uri-miss; fwd-status=200; stored"
+    );
     let etag = first.header("etag").unwrap().to_owned();
     assert_eq!(etag, MockGraph::etag_for(&first.body, ""));
     assert_eq!((h.mock.requests(), h.mock.conditional()), (1, 0));
 
-    let second = h.get("/v26.0/act_1/campaigns?access_token=EAAtokenA&fields=name").await;
+    let second = h
+        .get("/v26.0/act_1/campaigns?access_token=EAAtokenA&fields=name")
+        .await;
     assert_eq!(second.status, 200);
     assert_eq!(second.body, first.body);
-    assert_eq!(second.cache_status(), "graphcache; fwd=stale; fwd-status=304");
+    assert_eq!(
+        second.cache_status(),
+        "graphcache; fwd=stale; fwd-status=304"
+    );
     assert!(second.header("age").is_some());
     // The 304 carried no ETag: the stored one is kept.
     assert_eq!(second.header("etag"), Some(etag.as_str()));
-    assert_eq!((h.mock.requests(), h.mock.conditional(), h.mock.not_modified()), (2, 1, 1));
+    assert_eq!(
+        (
+            h.mock.requests(),
+            h.mock.conditional(),
+            h.mock.not_modified()
+        ),
+        (2, 1, 1)
+    );
     assert_eq!(h.mock.last().header("if-none-match"), Some(etag.as_str()));
-    assert_eq!(h.metric("graphcache_requests_total{cache=\"revalidated\"}").await, 1.0);
-    assert_eq!(h.metric("graphcache_requests_total{cache=\"miss\"}").await, 1.0);
+    assert_eq!(
+        h.metric("graphcache_requests_total{cache=\"revalidated\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        h.metric("graphcache_requests_total{cache=\"miss\"}").await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -52,7 +76,10 @@ async fn fresh_hit_makes_no_upstream_call() {
     assert_eq!(second.header("content-type"), first.header("content-type"));
     assert!(second.header("age").unwrap().parse::<u64>().unwrap() < 60);
     assert_eq!(h.mock.requests(), 1);
-    assert_eq!(h.metric("graphcache_requests_total{cache=\"hit\"}").await, 1.0);
+    assert_eq!(
+        h.metric("graphcache_requests_total{cache=\"hit\"}").await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -61,15 +88,28 @@ async fn changed_data_replaces_the_entry() {
     let first = h.get("/v26.0/77?access_token=EAAtokenA").await;
     h.mock.touch("77");
     let second = h.get("/v26.0/77?access_token=EAAtokenA").await;
-    assert_eq!(second.cache_status(), "graphcache; fwd=stale; fwd-status=200; stored");
+    assert_eq!(
+        second.cache_status(),
+        "graphcache; fwd=stale; fwd-status=200; stored"
+    );
     assert_ne!(second.body, first.body);
     assert_eq!(second.json()["version"], 1);
     assert_ne!(second.header("etag"), first.header("etag"));
     // The new entry is what the next revalidation sends.
     let third = h.get("/v26.0/77?access_token=EAAtokenA").await;
-    assert_eq!(third.cache_status(), "graphcache; fwd=stale; fwd-status=304");
+    assert_eq!(
+        third.cache_status(),
+        "graphcache; fwd=stale; fwd-status=304"
+    );
     assert_eq!(third.body, second.body);
-    assert_eq!((h.mock.requests(), h.mock.conditional(), h.mock.not_modified()), (3, 2, 1));
+    assert_eq!(
+        (
+            h.mock.requests(),
+            h.mock.conditional(),
+            h.mock.not_modified()
+        ),
+        (3, 2, 1)
+    );
 }
 
 #[tokio::test]
@@ -77,23 +117,41 @@ async fn client_conditional_matching_the_entry_gets_a_304() {
     let h = Harness::with(fresh(60)).await;
     let first = h.get("/v26.0/5?access_token=EAAtokenA").await;
     let etag = first.header("etag").unwrap();
-    let second = h.get_with("/v26.0/5?access_token=EAAtokenA", &[("if-none-match", etag)]).await;
+    let second = h
+        .get_with(
+            "/v26.0/5?access_token=EAAtokenA",
+            &[("if-none-match", etag)],
+        )
+        .await;
     assert_eq!(second.status, 304);
     assert!(second.body.is_empty());
     assert_eq!(second.header("etag"), Some(etag));
     assert_eq!(h.mock.requests(), 1);
     // A conditional that does not match gets the full body.
-    let third = h.get_with("/v26.0/5?access_token=EAAtokenA", &[("if-none-match", "\"nope\"")]).await;
-    assert_eq!((third.status, third.body.clone()), (StatusCode::OK, first.body.clone()));
+    let third = h
+        .get_with(
+            "/v26.0/5?access_token=EAAtokenA",
+            &[("if-none-match", "\"nope\"")],
+        )
+        .await;
+    assert_eq!(
+        (third.status, third.body.clone()),
+        (StatusCode::OK, first.body.clone())
+    );
 }
 
 #[tokio::test]
 async fn client_conditional_without_an_entry_is_forwarded_and_the_304_relayed() {
     let h = Harness::start().await;
-    let body = serde_json::to_vec(&serde_json::json!({"id": "9", "name": "Object 9", "version": 0})).unwrap();
+    let body =
+        serde_json::to_vec(&serde_json::json!({"id": "9", "name": "Object 9", "version": 0}))
+            .unwrap();
     let etag = MockGraph::etag_for(&body, "curl/8");
     let reply = h
-        .get_with("/v26.0/9?access_token=EAAtokenA", &[("if-none-match", &etag), ("user-agent", "curl/8")])
+        .get_with(
+            "/v26.0/9?access_token=EAAtokenA",
+            &[("if-none-match", &etag), ("user-agent", "curl/8")],
+        )
         .await;
     assert_eq!(reply.status, 304);
     assert!(reply.body.is_empty());
@@ -104,14 +162,19 @@ async fn client_conditional_without_an_entry_is_forwarded_and_the_304_relayed() 
 #[tokio::test]
 async fn head_is_answered_from_the_get_entry() {
     let h = Harness::with(fresh(60)).await;
-    let head = h.send(Method::HEAD, "/v26.0/8?access_token=EAAtokenA", &[], "").await;
+    let head = h
+        .send(Method::HEAD, "/v26.0/8?access_token=EAAtokenA", &[], "")
+        .await;
     assert_eq!(head.status, 200);
     assert!(head.body.is_empty());
     // HEAD was fetched upstream as a GET, so the entry serves both.
     assert_eq!(h.mock.last().method, Method::GET);
     let get = h.get("/v26.0/8?access_token=EAAtokenA").await;
     assert_eq!(get.cache_status(), "graphcache; hit");
-    assert_eq!(head.header("content-length"), Some(get.body.len().to_string().as_str()));
+    assert_eq!(
+        head.header("content-length"),
+        Some(get.body.len().to_string().as_str())
+    );
     assert_eq!(h.mock.requests(), 1);
 }
 
@@ -122,8 +185,12 @@ async fn entries_never_cross_token_identities() {
     let h = Harness::with(fresh(60)).await;
     let a = h.get(&format!("/v26.0/me?access_token={TOKEN_A}")).await;
     let b = h.get(&format!("/v26.0/me?access_token={TOKEN_B}")).await;
-    let bearer = h.get_with("/v26.0/me", &[("authorization", "Bearer EAAtokenA")]).await;
-    let oauth = h.get_with("/v26.0/me", &[("authorization", "OAuth EAAtokenB")]).await;
+    let bearer = h
+        .get_with("/v26.0/me", &[("authorization", "Bearer EAAtokenA")])
+        .await;
+    let oauth = h
+        .get_with("/v26.0/me", &[("authorization", "OAuth EAAtokenB")])
+        .await;
     let anonymous = h.get("/v26.0/me").await;
     assert_eq!(h.mock.requests(), 5);
     assert_ne!(a.json()["id"], b.json()["id"]);
@@ -132,8 +199,13 @@ async fn entries_never_cross_token_identities() {
     assert_ne!(anonymous.json()["id"], a.json()["id"]);
     // Each identity now hits its own entry.
     let a2 = h.get(&format!("/v26.0/me?access_token={TOKEN_A}")).await;
-    let bearer2 = h.get_with("/v26.0/me", &[("authorization", "Bearer EAAtokenA")]).await;
-    assert_eq!((a2.cache_status(), a2.body.clone()), ("graphcache; hit", a.body.clone()));
+    let bearer2 = h
+        .get_with("/v26.0/me", &[("authorization", "Bearer EAAtokenA")])
+        .await;
+    assert_eq!(
+        (a2.cache_status(), a2.body.clone()),
+        ("graphcache; hit", a.body.clone())
+    );
     assert_eq!(bearer2.body, bearer.body);
     assert_eq!(h.mock.requests(), 5);
 }
@@ -141,8 +213,12 @@ async fn entries_never_cross_token_identities() {
 #[tokio::test]
 async fn paging_links_with_the_token_stay_with_their_token() {
     let h = Harness::with(fresh(60)).await;
-    let a = h.get(&format!("/v26.0/act_1/ads?access_token={TOKEN_A}")).await;
-    let b = h.get(&format!("/v26.0/act_1/ads?access_token={TOKEN_B}")).await;
+    let a = h
+        .get(&format!("/v26.0/act_1/ads?access_token={TOKEN_A}"))
+        .await;
+    let b = h
+        .get(&format!("/v26.0/act_1/ads?access_token={TOKEN_B}"))
+        .await;
     assert!(a.text().contains(TOKEN_A) && !a.text().contains(TOKEN_B));
     assert!(b.text().contains(TOKEN_B) && !b.text().contains(TOKEN_A));
     assert_eq!(h.mock.requests(), 2);
@@ -151,23 +227,42 @@ async fn paging_links_with_the_token_stay_with_their_token() {
 #[tokio::test]
 async fn query_order_and_encoding_share_one_entry() {
     let h = Harness::with(fresh(60)).await;
-    h.get("/v24.0/1?fields=name%2Cstatus&access_token=EAAtokenA").await;
-    let other = h.get("/v24.0/1?access_token=EAAtokenA&fields=name,status").await;
+    h.get("/v24.0/1?fields=name%2Cstatus&access_token=EAAtokenA")
+        .await;
+    let other = h
+        .get("/v24.0/1?access_token=EAAtokenA&fields=name,status")
+        .await;
     assert_eq!(other.cache_status(), "graphcache; hit");
     assert_eq!(h.mock.requests(), 1);
     // appsecret_proof is not part of the key either.
-    let proof = h.get("/v24.0/1?appsecret_proof=abc&fields=name,status&access_token=EAAtokenA").await;
+    let proof = h
+        .get("/v24.0/1?appsecret_proof=abc&fields=name,status&access_token=EAAtokenA")
+        .await;
     assert_eq!(proof.cache_status(), "graphcache; hit");
 }
 
 #[tokio::test]
 async fn user_agent_and_version_are_part_of_the_key() {
     let h = Harness::with(fresh(60)).await;
-    let python = h.get_with("/v26.0/1?access_token=EAAtokenA", &[("user-agent", "fbbizsdk-python-v26.0.3")]).await;
-    let node = h.get_with("/v26.0/1?access_token=EAAtokenA", &[("user-agent", "fbbizsdk-nodejs-v24.0.0")]).await;
+    let python = h
+        .get_with(
+            "/v26.0/1?access_token=EAAtokenA",
+            &[("user-agent", "fbbizsdk-python-v26.0.3")],
+        )
+        .await;
+    let node = h
+        .get_with(
+            "/v26.0/1?access_token=EAAtokenA",
+            &[("user-agent", "fbbizsdk-nodejs-v24.0.0")],
+        )
+        .await;
     assert_eq!(h.mock.requests(), 2);
     assert_ne!(python.header("etag"), node.header("etag"));
-    h.get_with("/v25.0/1?access_token=EAAtokenA", &[("user-agent", "fbbizsdk-python-v26.0.3")]).await;
+    h.get_with(
+        "/v25.0/1?access_token=EAAtokenA",
+        &[("user-agent", "fbbizsdk-python-v26.0.3")],
+    )
+    .await;
     assert_eq!(h.mock.requests(), 3);
 }
 
@@ -176,12 +271,32 @@ async fn user_agent_and_version_are_part_of_the_key() {
 #[tokio::test]
 async fn client_no_store_bypasses_and_no_cache_revalidates() {
     let h = Harness::with(fresh(60)).await;
-    let bypass = h.get_with("/v26.0/2?access_token=EAAtokenA", &[("cache-control", "no-store")]).await;
-    assert_eq!(bypass.cache_status(), "graphcache; fwd=bypass; fwd-status=200");
+    let bypass = h
+        .get_with(
+            "/v26.0/2?access_token=EAAtokenA",
+            &[("cache-control", "no-store")],
+        )
+        .await;
+    assert_eq!(
+        bypass.cache_status(),
+        "graphcache; fwd=bypass; fwd-status=200"
+    );
     let miss = h.get("/v26.0/2?access_token=EAAtokenA").await;
-    assert!(miss.cache_status().starts_with("graphcache; fwd=uri-miss"), "{}", miss.cache_status());
-    let forced = h.get_with("/v26.0/2?access_token=EAAtokenA", &[("cache-control", "no-cache")]).await;
-    assert_eq!(forced.cache_status(), "graphcache; fwd=request; fwd-status=304");
+    assert!(
+        miss.cache_status().starts_with("graphcache; fwd=uri-miss"),
+        "{}",
+        miss.cache_status()
+    );
+    let forced = h
+        .get_with(
+            "/v26.0/2?access_token=EAAtokenA",
+            &[("cache-control", "no-cache")],
+        )
+        .await;
+    assert_eq!(
+        forced.cache_status(),
+        "graphcache; fwd=request; fwd-status=304"
+    );
     assert_eq!((h.mock.requests(), h.mock.conditional()), (3, 1));
 }
 
@@ -189,9 +304,13 @@ async fn client_no_store_bypasses_and_no_cache_revalidates() {
 async fn write_overrides_and_jsonp_are_never_cached() {
     let h = Harness::with(fresh(60)).await;
     for _ in 0..2 {
-        let r = h.get("/v26.0/act_3/ads?method=post&name=x&access_token=EAAtokenA").await;
+        let r = h
+            .get("/v26.0/act_3/ads?method=post&name=x&access_token=EAAtokenA")
+            .await;
         assert_eq!(r.cache_status(), "graphcache; fwd=method; fwd-status=200");
-        let r = h.get("/v26.0/act_3?callback=cb&access_token=EAAtokenA").await;
+        let r = h
+            .get("/v26.0/act_3?callback=cb&access_token=EAAtokenA")
+            .await;
         assert_eq!(r.cache_status(), "graphcache; fwd=bypass; fwd-status=200");
     }
     assert_eq!(h.mock.requests(), 4);
@@ -216,7 +335,11 @@ async fn node_sdk_get_with_empty_json_body_is_cached_and_keeps_the_connection() 
         let head = String::from_utf8(buf).unwrap();
         let length: usize = head
             .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(|v| v.trim().parse().unwrap())
+            })
             .unwrap();
         let mut body = vec![0; length];
         stream.read_exact(&mut body).await.unwrap();
@@ -225,10 +348,20 @@ async fn node_sdk_get_with_empty_json_body_is_cached_and_keeps_the_connection() 
     assert_eq!(replies.matches("HTTP/1.1 200 OK").count(), 2);
     assert!(replies.contains("cache-status: graphcache; hit"));
     assert_eq!(h.mock.requests(), 1);
-    assert!(h.mock.last().body.is_empty(), "the SDK's {{}} is not forwarded");
+    assert!(
+        h.mock.last().body.is_empty(),
+        "the SDK's {{}} is not forwarded"
+    );
 
     // Any other GET body passes through, uncached, with its body.
-    let r = h.send(Method::GET, "/v26.0/32?access_token=EAAtokenA", &[("content-type", "application/json")], "{\"q\":1}").await;
+    let r = h
+        .send(
+            Method::GET,
+            "/v26.0/32?access_token=EAAtokenA",
+            &[("content-type", "application/json")],
+            "{\"q\":1}",
+        )
+        .await;
     assert_eq!(r.cache_status(), "graphcache; fwd=bypass; fwd-status=200");
     assert_eq!(&h.mock.last().body[..], b"{\"q\":1}");
 }
@@ -250,8 +383,16 @@ async fn errors_cookies_batch_links_and_large_bodies_are_not_stored() {
     ] {
         let first = h.get(target).await;
         let second = h.get(target).await;
-        assert!(!second.cache_status().contains("hit"), "{target}: {}", second.cache_status());
-        assert!(!first.cache_status().contains("stored"), "{target}: {}", first.cache_status());
+        assert!(
+            !second.cache_status().contains("hit"),
+            "{target}: {}",
+            second.cache_status()
+        );
+        assert!(
+            !first.cache_status().contains("stored"),
+            "{target}: {}",
+            first.cache_status()
+        );
         assert_eq!(first.body, second.body, "{target}");
     }
     assert_eq!(h.mock.requests(), 12);
@@ -267,7 +408,12 @@ async fn route_rules_set_ttl_and_turn_caching_off() {
     let mut config = None;
     let h = Harness::with(|c| {
         c.routes.rules = vec![
-            graphcache::routes::RouteRule::new("*/insights", Some(Duration::from_secs(300)), None, true),
+            graphcache::routes::RouteRule::new(
+                "*/insights",
+                Some(Duration::from_secs(300)),
+                None,
+                true,
+            ),
             graphcache::routes::RouteRule::new("act_*/adsets", None, None, false),
         ];
         config = Some(c.clone());
@@ -278,11 +424,17 @@ async fn route_rules_set_ttl_and_turn_caching_off() {
     assert_eq!(hit.cache_status(), "graphcache; hit");
     h.get("/v26.0/act_1/adsets?access_token=EAAtokenA").await;
     let again = h.get("/v26.0/act_1/adsets?access_token=EAAtokenA").await;
-    assert_eq!(again.cache_status(), "graphcache; fwd=bypass; fwd-status=200");
+    assert_eq!(
+        again.cache_status(),
+        "graphcache; fwd=bypass; fwd-status=200"
+    );
     // Other paths keep the global fresh TTL of 0: revalidated.
     h.get("/v26.0/act_1?access_token=EAAtokenA").await;
     let other = h.get("/v26.0/act_1?access_token=EAAtokenA").await;
-    assert_eq!(other.cache_status(), "graphcache; fwd=stale; fwd-status=304");
+    assert_eq!(
+        other.cache_status(),
+        "graphcache; fwd=stale; fwd-status=304"
+    );
     assert_eq!(h.mock.requests(), 5);
 }
 
@@ -294,18 +446,30 @@ async fn stale_entries_are_served_when_upstream_fails() {
     let stored = h.get("/v26.0/40?access_token=EAAtokenA").await;
     h.mock.set_outage(Outage::Status(503));
     let on_5xx = h.get("/v26.0/40?access_token=EAAtokenA").await;
-    assert_eq!((on_5xx.status, on_5xx.body.clone()), (StatusCode::OK, stored.body.clone()));
-    assert_eq!(on_5xx.cache_status(), "graphcache; fwd=stale; fwd-status=503; detail=stale-if-error");
+    assert_eq!(
+        (on_5xx.status, on_5xx.body.clone()),
+        (StatusCode::OK, stored.body.clone())
+    );
+    assert_eq!(
+        on_5xx.cache_status(),
+        "graphcache; fwd=stale; fwd-status=503; detail=stale-if-error"
+    );
     h.mock.set_outage(Outage::Close);
     let on_close = h.get("/v26.0/40?access_token=EAAtokenA").await;
     assert_eq!(on_close.body, stored.body);
-    assert_eq!(on_close.cache_status(), "graphcache; fwd=stale; detail=stale-if-error");
+    assert_eq!(
+        on_close.cache_status(),
+        "graphcache; fwd=stale; detail=stale-if-error"
+    );
     h.mock.set_outage(Outage::None);
     h.mock.set_delay(Duration::from_secs(2));
     let on_timeout = h.get("/v26.0/40?access_token=EAAtokenA").await;
     assert_eq!(on_timeout.body, stored.body);
     assert_eq!(h.mock.requests(), 4);
-    assert_eq!(h.metric("graphcache_requests_total{cache=\"stale\"}").await, 3.0);
+    assert_eq!(
+        h.metric("graphcache_requests_total{cache=\"stale\"}").await,
+        3.0
+    );
 }
 
 #[tokio::test]
@@ -320,7 +484,10 @@ async fn without_a_usable_entry_failures_are_graph_envelopes() {
     let timeout = h.get("/v26.0/41?access_token=EAAtokenA").await;
     assert_eq!(timeout.status, 504);
     assert_eq!(timeout.json()["error"]["code"], 2);
-    assert_eq!(timeout.header("x-graphcache-error"), Some("upstream_timeout"));
+    assert_eq!(
+        timeout.header("x-graphcache-error"),
+        Some("upstream_timeout")
+    );
     h.mock.set_delay(Duration::ZERO);
     h.mock.set_outage(Outage::Status(500));
     let five = h.get("/v26.0/41?access_token=EAAtokenA").await;
@@ -344,10 +511,13 @@ async fn without_a_usable_entry_failures_are_graph_envelopes() {
 async fn writes_are_forwarded_once_and_invalidate_their_object_for_every_token() {
     let h = Harness::with(fresh(300)).await;
     for token in [TOKEN_A, TOKEN_B] {
-        h.get(&format!("/v26.0/act_9/ads?access_token={token}")).await;
-        h.get(&format!("/v26.0/act_9?access_token={token}&fields=name")).await;
+        h.get(&format!("/v26.0/act_9/ads?access_token={token}"))
+            .await;
+        h.get(&format!("/v26.0/act_9?access_token={token}&fields=name"))
+            .await;
     }
-    h.get(&format!("/v26.0/act_10?access_token={TOKEN_A}")).await;
+    h.get(&format!("/v26.0/act_10?access_token={TOKEN_A}"))
+        .await;
     assert_eq!(h.mock.requests(), 5);
 
     let write = h
@@ -359,29 +529,47 @@ async fn writes_are_forwarded_once_and_invalidate_their_object_for_every_token()
         )
         .await;
     assert_eq!(write.status, 200);
-    assert_eq!(write.cache_status(), "graphcache; fwd=method; fwd-status=200");
+    assert_eq!(
+        write.cache_status(),
+        "graphcache; fwd=method; fwd-status=200"
+    );
     assert_eq!(h.mock.writes(), 1);
     let seen = h.mock.last();
     assert_eq!(seen.method, Method::POST);
     assert_eq!(&seen.body[..], b"name=New+ad&adset_id=555&status=PAUSED");
 
     for token in [TOKEN_A, TOKEN_B] {
-        let ads = h.get(&format!("/v26.0/act_9/ads?access_token={token}")).await;
-        assert!(ads.cache_status().contains("uri-miss"), "{}", ads.cache_status());
+        let ads = h
+            .get(&format!("/v26.0/act_9/ads?access_token={token}"))
+            .await;
+        assert!(
+            ads.cache_status().contains("uri-miss"),
+            "{}",
+            ads.cache_status()
+        );
         assert_eq!(ads.json()["data"][0]["version"], 1);
     }
     // Another object stays cached.
-    let other = h.get(&format!("/v26.0/act_10?access_token={TOKEN_A}")).await;
+    let other = h
+        .get(&format!("/v26.0/act_10?access_token={TOKEN_A}"))
+        .await;
     assert_eq!(other.cache_status(), "graphcache; hit");
-    assert_eq!(h.metric("graphcache_cache_invalidated_entries_total").await, 4.0);
-    assert_eq!(h.metric("graphcache_requests_total{cache=\"write\"}").await, 1.0);
+    assert_eq!(
+        h.metric("graphcache_cache_invalidated_entries_total").await,
+        4.0
+    );
+    assert_eq!(
+        h.metric("graphcache_requests_total{cache=\"write\"}").await,
+        1.0
+    );
 }
 
 #[tokio::test]
 async fn objects_named_in_write_parameters_are_invalidated() {
     let h = Harness::with(fresh(300)).await;
     h.get("/v26.0/555?access_token=EAAtokenA").await;
-    h.get("/v26.0/act_77/campaigns?access_token=EAAtokenA").await;
+    h.get("/v26.0/act_77/campaigns?access_token=EAAtokenA")
+        .await;
     h.send(
         Method::POST,
         "/v26.0/act_1/ads?access_token=EAAtokenA",
@@ -389,30 +577,67 @@ async fn objects_named_in_write_parameters_are_invalidated() {
         r#"{"adset_id":"555","account_id":77}"#,
     )
     .await;
-    assert!(h.get("/v26.0/555?access_token=EAAtokenA").await.cache_status().contains("uri-miss"));
-    assert!(h.get("/v26.0/act_77/campaigns?access_token=EAAtokenA").await.cache_status().contains("uri-miss"));
+    assert!(h
+        .get("/v26.0/555?access_token=EAAtokenA")
+        .await
+        .cache_status()
+        .contains("uri-miss"));
+    assert!(h
+        .get("/v26.0/act_77/campaigns?access_token=EAAtokenA")
+        .await
+        .cache_status()
+        .contains("uri-miss"));
     // DELETE and a GET with method=delete invalidate as well.
     h.get("/v26.0/556?access_token=EAAtokenA").await;
-    h.send(Method::DELETE, "/v26.0/556?access_token=EAAtokenA", &[], "").await;
-    assert!(h.get("/v26.0/556?access_token=EAAtokenA").await.cache_status().contains("uri-miss"));
+    h.send(Method::DELETE, "/v26.0/556?access_token=EAAtokenA", &[], "")
+        .await;
+    assert!(h
+        .get("/v26.0/556?access_token=EAAtokenA")
+        .await
+        .cache_status()
+        .contains("uri-miss"));
     h.get("/v26.0/557?access_token=EAAtokenA").await;
-    h.get("/v26.0/557?method=delete&access_token=EAAtokenA").await;
-    assert!(h.get("/v26.0/557?access_token=EAAtokenA").await.cache_status().contains("uri-miss"));
+    h.get("/v26.0/557?method=delete&access_token=EAAtokenA")
+        .await;
+    assert!(h
+        .get("/v26.0/557?access_token=EAAtokenA")
+        .await
+        .cache_status()
+        .contains("uri-miss"));
 }
 
 #[tokio::test]
 async fn a_failed_write_invalidates_nothing_and_is_not_retried() {
     let h = Harness::with(fresh(300)).await;
     h.get("/v26.0/fail?access_token=EAAtokenA").await;
-    let write = h.send(Method::POST, "/v26.0/fail?access_token=EAAtokenA", &[], "x=1").await;
+    let write = h
+        .send(
+            Method::POST,
+            "/v26.0/fail?access_token=EAAtokenA",
+            &[],
+            "x=1",
+        )
+        .await;
     assert_eq!(write.status, 400);
     assert_eq!(h.mock.writes(), 1);
-    assert_eq!(h.get("/v26.0/fail?access_token=EAAtokenA").await.cache_status(), "graphcache; hit");
+    assert_eq!(
+        h.get("/v26.0/fail?access_token=EAAtokenA")
+            .await
+            .cache_status(),
+        "graphcache; hit"
+    );
 
     // A write that times out is reported, never replayed.
     let slow = Harness::with(|c| c.upstream_timeout = Duration::from_millis(200)).await;
     slow.mock.set_delay(Duration::from_secs(1));
-    let timed_out = slow.send(Method::POST, "/v26.0/act_1/ads?access_token=EAAtokenA", &[], "name=x").await;
+    let timed_out = slow
+        .send(
+            Method::POST,
+            "/v26.0/act_1/ads?access_token=EAAtokenA",
+            &[],
+            "name=x",
+        )
+        .await;
     assert_eq!(timed_out.status, 504);
     slow.mock.set_delay(Duration::ZERO);
     slow.get("/v26.0/other?access_token=EAAtokenA").await;
@@ -432,14 +657,31 @@ async fn a_read_in_flight_when_a_write_lands_does_not_store_old_data() {
     // The read is now held upstream; a write to the same object lands.
     client.mock.release();
     client.mock.hold("/act_5/campaigns");
-    let write = client.send(Method::POST, "/v26.0/act_5?access_token=EAAtokenA", &[], "name=new").await;
+    let write = client
+        .send(
+            Method::POST,
+            "/v26.0/act_5?access_token=EAAtokenA",
+            &[],
+            "name=new",
+        )
+        .await;
     assert_eq!(write.status, 200);
     client.mock.release();
     let old = reader.await.unwrap();
     assert_eq!(old.status, 200);
-    assert!(!old.cache_status().contains("stored"), "{}", old.cache_status());
-    let next = client.get("/v26.0/act_5/campaigns?access_token=EAAtokenA").await;
-    assert!(next.cache_status().contains("uri-miss"), "{}", next.cache_status());
+    assert!(
+        !old.cache_status().contains("stored"),
+        "{}",
+        old.cache_status()
+    );
+    let next = client
+        .get("/v26.0/act_5/campaigns?access_token=EAAtokenA")
+        .await;
+    assert!(
+        next.cache_status().contains("uri-miss"),
+        "{}",
+        next.cache_status()
+    );
     assert_eq!(next.json()["data"][0]["version"], 1);
 }
 
@@ -465,14 +707,23 @@ async fn hop_by_hop_headers_are_dropped_and_host_is_the_upstream() {
         .await;
     assert_eq!(reply.status, 200);
     let seen = h.mock.last();
-    for gone in ["x-private", "keep-alive", "te", "proxy-authorization", "accept-encoding"] {
+    for gone in [
+        "x-private",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "accept-encoding",
+    ] {
         assert!(seen.header(gone).is_none(), "{gone} reached the upstream");
     }
     assert_eq!(seen.header("x-custom"), Some("kept"));
     assert_eq!(seen.header("user-agent"), Some("fbbizsdk-python-v26.0.3"));
     assert_eq!(seen.header("host"), Some(h.mock.addr.to_string().as_str()));
     // Graph's own cache headers reach the client unchanged; no gzip.
-    assert_eq!(reply.header("cache-control"), Some("private, no-cache, no-store, must-revalidate"));
+    assert_eq!(
+        reply.header("cache-control"),
+        Some("private, no-cache, no-store, must-revalidate")
+    );
     assert!(reply.header("content-encoding").is_none());
 }
 
@@ -493,8 +744,16 @@ async fn an_encoded_answer_never_reaches_a_client_that_did_not_accept_it() {
     let h = Harness::start().await;
     let refused = h.get("/v26.0/gzipped?access_token=EAAtokenA").await;
     assert_eq!(refused.status, 502);
-    assert_eq!(refused.header("x-graphcache-error"), Some("upstream_encoding"));
-    let accepted = h.get_with("/v26.0/gzipped?access_token=EAAtokenA", &[("accept-encoding", "gzip")]).await;
+    assert_eq!(
+        refused.header("x-graphcache-error"),
+        Some("upstream_encoding")
+    );
+    let accepted = h
+        .get_with(
+            "/v26.0/gzipped?access_token=EAAtokenA",
+            &[("accept-encoding", "gzip")],
+        )
+        .await;
     assert_eq!(accepted.header("content-encoding"), Some("gzip"));
     assert!(!accepted.cache_status().contains("stored"));
 }

@@ -102,7 +102,9 @@ impl MockGraph {
         let serve_state = state.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let state = serve_state.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
@@ -154,7 +156,13 @@ impl MockGraph {
     }
     /// Changes object `id` as a write would: its bodies and ETags change.
     pub fn touch(&self, id: &str) {
-        *self.state.versions.lock().unwrap().entry(id.to_owned()).or_default() += 1;
+        *self
+            .state
+            .versions
+            .lock()
+            .unwrap()
+            .entry(id.to_owned())
+            .or_default() += 1;
     }
     pub fn set_delay(&self, delay: Duration) {
         *self.state.delay.lock().unwrap() = delay;
@@ -191,7 +199,11 @@ impl MockGraph {
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or("").to_owned();
     let seen = Seen {
@@ -221,12 +233,19 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
         Outage::None => {}
         Outage::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap();
-            return envelope(status, 2, "Service temporarily unavailable", "OAuthException");
+            return envelope(
+                status,
+                2,
+                "Service temporarily unavailable",
+                "OAuthException",
+            );
         }
         Outage::Close => return Response::new(Full::new(Bytes::new())),
     }
 
-    let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
     let token = params
         .get("access_token")
         .cloned()
@@ -240,38 +259,67 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
         })
         .unwrap_or_default();
     if token == "bad" {
-        return envelope(StatusCode::BAD_REQUEST, 190, "Invalid OAuth access token.", "OAuthException");
+        return envelope(
+            StatusCode::BAD_REQUEST,
+            190,
+            "Invalid OAuth access token.",
+            "OAuthException",
+        );
     }
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let segments: Vec<&str> = match segments.first() {
-        Some(v) if v.starts_with('v') && v[1..].chars().all(|c| c.is_ascii_digit() || c == '.') && v.len() > 1 => {
+        Some(v)
+            if v.starts_with('v')
+                && v[1..].chars().all(|c| c.is_ascii_digit() || c == '.')
+                && v.len() > 1 =>
+        {
             segments[1..].to_vec()
         }
         _ => segments,
     };
     let method_override = params.get("method").map(|m| m.to_ascii_uppercase());
-    let is_write = parts.method != Method::GET && parts.method != Method::HEAD || method_override.is_some_and(|m| m != "GET");
+    let is_write = parts.method != Method::GET && parts.method != Method::HEAD
+        || method_override.is_some_and(|m| m != "GET");
     if is_write {
         return write(&state, &segments, &params, &body);
     }
     read(&state, &parts.headers, &segments, &params, &token)
 }
 
-fn write(state: &State, segments: &[&str], params: &HashMap<String, String>, body: &[u8]) -> Response<Full<Bytes>> {
+fn write(
+    state: &State,
+    segments: &[&str],
+    params: &HashMap<String, String>,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
     if segments.first() == Some(&"fail") {
-        return envelope(StatusCode::BAD_REQUEST, 100, "Invalid parameter", "OAuthException");
+        return envelope(
+            StatusCode::BAD_REQUEST,
+            100,
+            "Invalid parameter",
+            "OAuthException",
+        );
     }
     let form: HashMap<String, String> = form_urlencoded::parse(body).into_owned().collect();
     let mut versions = state.versions.lock().unwrap();
     if let Some(node) = segments.first() {
-        *versions.entry(node.trim_start_matches("act_").to_owned()).or_default() += 1;
+        *versions
+            .entry(node.trim_start_matches("act_").to_owned())
+            .or_default() += 1;
     }
     for (k, v) in params.iter().chain(form.iter()) {
         if k.ends_with("_id") {
-            *versions.entry(v.trim_start_matches("act_").to_owned()).or_default() += 1;
+            *versions
+                .entry(v.trim_start_matches("act_").to_owned())
+                .or_default() += 1;
         }
     }
-    json_response(StatusCode::OK, json!({"success": true, "id": format!("{}", versions.len() + 1000)}), &HeaderMap::new(), "")
+    json_response(
+        StatusCode::OK,
+        json!({"success": true, "id": format!("{}", versions.len() + 1000)}),
+        &HeaderMap::new(),
+        "",
+    )
 }
 
 fn read(
@@ -282,31 +330,57 @@ fn read(
     token: &str,
 ) -> Response<Full<Bytes>> {
     let node = segments.first().copied().unwrap_or("");
-    let version = |id: &str| state.versions.lock().unwrap().get(id.trim_start_matches("act_")).copied().unwrap_or(0);
+    let version = |id: &str| {
+        state
+            .versions
+            .lock()
+            .unwrap()
+            .get(id.trim_start_matches("act_"))
+            .copied()
+            .unwrap_or(0)
+    };
     let token_tag = &blake3::hash(token.as_bytes()).to_hex()[..8];
-    let user_agent = headers.get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let user_agent = headers
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let mut extra = HeaderMap::new();
     let body = match (node, segments.get(1)) {
         ("missing", _) => {
-            return envelope(StatusCode::BAD_REQUEST, 100, "Unsupported get request. Object does not exist", "GraphMethodException")
+            return envelope(
+                StatusCode::BAD_REQUEST,
+                100,
+                "Unsupported get request. Object does not exist",
+                "GraphMethodException",
+            )
         }
         ("suppressed", _) => {
             // suppress_http_code=1 style: an error with HTTP 200.
-            return json_response(StatusCode::OK, json!({"error": {"message": "(#100) bad", "type": "OAuthException", "code": 100}}), &HeaderMap::new(), user_agent);
+            return json_response(
+                StatusCode::OK,
+                json!({"error": {"message": "(#100) bad", "type": "OAuthException", "code": 100}}),
+                &HeaderMap::new(),
+                user_agent,
+            );
         }
         ("cookie", _) => {
             extra.insert("set-cookie", HeaderValue::from_static("datr=abc; Path=/"));
             json!({"id": "cookie"})
         }
         ("big", _) => {
-            let bytes: usize = params.get("bytes").and_then(|b| b.parse().ok()).unwrap_or(1024);
+            let bytes: usize = params
+                .get("bytes")
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(1024);
             json!({"id": "big", "blob": "x".repeat(bytes)})
         }
         ("gzipped", _) => {
             extra.insert("content-encoding", HeaderValue::from_static("gzip"));
             json!({"id": "gzipped"})
         }
-        ("me", None) => json!({"id": format!("user-{token_tag}"), "name": format!("User {token_tag}")}),
+        ("me", None) => {
+            json!({"id": format!("user-{token_tag}"), "name": format!("User {token_tag}")})
+        }
         ("batchlinks", _) => json!({
             "data": [{"id": "1"}],
             "paging": {"next": format!("https://graph.facebook.com/v26.0/batchlinks?_fb_batch_child_request=1&access_token={token}")}
@@ -321,14 +395,18 @@ fn read(
             Value::Object(map)
         }
         (node, None) => {
-            let mut object = json!({"id": node, "name": format!("Object {node}"), "version": version(node)});
+            let mut object =
+                json!({"id": node, "name": format!("Object {node}"), "version": version(node)});
             if let Some(fields) = params.get("fields") {
                 object["fields"] = json!(fields);
             }
             object
         }
         (node, Some(edge)) => {
-            let limit: usize = params.get("limit").and_then(|l| l.parse().ok()).unwrap_or(3);
+            let limit: usize = params
+                .get("limit")
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(3);
             let data: Vec<Value> = (0..limit)
                 .map(|i| json!({"id": format!("{node}_{edge}_{i}"), "version": version(node)}))
                 .collect();
@@ -366,10 +444,19 @@ fn read(
 }
 
 fn graph_headers(h: &mut HeaderMap) {
-    h.insert("content-type", HeaderValue::from_static("application/json; charset=UTF-8"));
-    h.insert("cache-control", HeaderValue::from_static("private, no-cache, no-store, must-revalidate"));
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("application/json; charset=UTF-8"),
+    );
+    h.insert(
+        "cache-control",
+        HeaderValue::from_static("private, no-cache, no-store, must-revalidate"),
+    );
     h.insert("pragma", HeaderValue::from_static("no-cache"));
-    h.insert("expires", HeaderValue::from_static("Sat, 01 Jan 2000 00:00:00 GMT"));
+    h.insert(
+        "expires",
+        HeaderValue::from_static("Sat, 01 Jan 2000 00:00:00 GMT"),
+    );
     h.insert("vary", HeaderValue::from_static("Origin"));
     h.insert("facebook-api-version", HeaderValue::from_static("v26.0"));
     h.insert("x-fb-trace-id", HeaderValue::from_static("Cb+uI0bUHiQ"));
@@ -380,11 +467,19 @@ fn add_usage(h: &mut HeaderMap, state: &State) {
     let calls = state.counters.requests.load(Ordering::SeqCst).min(100);
     h.insert(
         "x-app-usage",
-        HeaderValue::from_str(&format!("{{\"call_count\":{calls},\"total_cputime\":1,\"total_time\":2}}")).unwrap(),
+        HeaderValue::from_str(&format!(
+            "{{\"call_count\":{calls},\"total_cputime\":1,\"total_time\":2}}"
+        ))
+        .unwrap(),
     );
 }
 
-fn json_response(status: StatusCode, body: Value, extra: &HeaderMap, _ua: &str) -> Response<Full<Bytes>> {
+fn json_response(
+    status: StatusCode,
+    body: Value,
+    extra: &HeaderMap,
+    _ua: &str,
+) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     graph_headers(response.headers_mut());
@@ -397,10 +492,15 @@ fn json_response(status: StatusCode, body: Value, extra: &HeaderMap, _ua: &str) 
 fn envelope(status: StatusCode, code: u32, message: &str, kind: &str) -> Response<Full<Bytes>> {
     let body = json!({"error": {"message": message, "type": kind, "code": code, "fbtrace_id": "AmFGcW_3hwDB7qFbl_QdebZ"}});
     let mut response = json_response(status, body, &HeaderMap::new(), "");
-    response.headers_mut().insert("cache-control", HeaderValue::from_static("no-store"));
+    response
+        .headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-store"));
     response.headers_mut().insert(
         "www-authenticate",
-        HeaderValue::from_str(&format!("OAuth \"Facebook Platform\" \"invalid_request\" \"{message}\"")).unwrap(),
+        HeaderValue::from_str(&format!(
+            "OAuth \"Facebook Platform\" \"invalid_request\" \"{message}\""
+        ))
+        .unwrap(),
     );
     response
 }

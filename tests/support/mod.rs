@@ -17,6 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+#[allow(unused_imports)]
 pub use mock_graph::{MockGraph, Outage};
 
 /// One answer as a client saw it.
@@ -35,7 +36,8 @@ impl Reply {
         self.header("cache-status").unwrap_or("")
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is JSON ({e}): {:?}", self.body))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is JSON ({e}): {:?}", self.body))
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -100,13 +102,27 @@ impl Harness {
         self.send(Method::GET, target, headers, "").await
     }
 
-    pub async fn send(&self, method: Method, target: &str, headers: &[(&str, &str)], body: &str) -> Reply {
-        let mut builder = Request::builder().method(method).uri(format!("http://{}{}", self.addr, target));
+    pub async fn send(
+        &self,
+        method: Method,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{}", self.addr, target));
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
-        let request = builder.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
-        let response = self.client.request(request).await.expect("graphcache answers");
+        let request = builder
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        let response = self
+            .client
+            .request(request)
+            .await
+            .expect("graphcache answers");
         let (head, body) = response.into_parts();
         Reply {
             status: head.status,
@@ -121,14 +137,21 @@ impl Harness {
             .unwrap();
         let response = self.client.request(request).await.expect("admin answers");
         let (head, body) = response.into_parts();
-        Reply { status: head.status, headers: head.headers, body: body.collect().await.unwrap().to_bytes() }
+        Reply {
+            status: head.status,
+            headers: head.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
     }
 
     /// The value of one sample in /metrics, e.g. `metric("x_total{cache=\"hit\"}")`.
     pub async fn metric(&self, sample: &str) -> f64 {
         let text = self.admin_get("/metrics").await.text();
         text.lines()
-            .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|line| {
+                line.strip_prefix(sample)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
             .map(|v| v.trim().parse().unwrap())
             .unwrap_or(0.0)
     }

@@ -1,0 +1,268 @@
+//! Bad input, limits, protocols, operations: what a new user tries first.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use support::Harness;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends raw bytes and reads until the server closes or `timeout` passes.
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn absolute_form_targets_naming_another_host_are_refused() {
+    let h = Harness::start().await;
+    let reply = raw(
+        h.addr,
+        b"GET http://evil.example/v26.0/me?access_token=EAAx HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(
+        reply.contains("\"type\":\"GraphcacheException\""),
+        "{reply}"
+    );
+    assert!(
+        reply.contains("x-graphcache-error: foreign_target"),
+        "{reply}"
+    );
+    assert_eq!(h.mock.requests(), 0);
+    // The upstream's own host in absolute form is served, by the upstream.
+    let own = format!(
+        "GET http://{}/v26.0/me?access_token=EAAx HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        h.mock.addr, h.mock.addr
+    );
+    let reply = raw(h.addr, own.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(h.mock.requests(), 1);
+}
+
+#[tokio::test]
+async fn connect_is_refused() {
+    let h = Harness::start().await;
+    let reply = raw(h.addr, b"CONNECT graph.facebook.com:443 HTTP/1.1\r\nHost: graph.facebook.com:443\r\nConnection: close\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 405"), "{reply}");
+    assert!(reply.contains("not a forward proxy"), "{reply}");
+    assert_eq!(h.mock.requests(), 0);
+}
+
+#[tokio::test]
+async fn oversized_heads_and_bodies_get_envelopes() {
+    let h = Harness::with(|c| {
+        c.max_header_bytes = 4096;
+        c.max_body_bytes = 1000;
+    })
+    .await;
+    let big = "x".repeat(6000);
+    let reply = h
+        .get_with("/v26.0/me?access_token=EAAx", &[("x-big", &big)])
+        .await;
+    assert_eq!(reply.status, 431);
+    assert_eq!(reply.json()["error"]["code"], 100);
+    let body = "a".repeat(2000);
+    let reply = h
+        .send(
+            Method::POST,
+            "/v26.0/act_1/ads?access_token=EAAx",
+            &[],
+            &body,
+        )
+        .await;
+    assert_eq!(reply.status, 413);
+    assert!(reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("1000 bytes"));
+    assert_eq!(h.mock.requests(), 0);
+    // Far beyond any limit, hyper itself refuses the head; nothing is forwarded.
+    let huge = format!(
+        "GET /v26.0/me HTTP/1.1\r\nHost: x\r\nX-Huge: {}\r\n\r\n",
+        "y".repeat(200_000)
+    );
+    let reply = raw(h.addr, huge.as_bytes()).await;
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 431"),
+        "{reply}"
+    );
+    assert_eq!(h.mock.requests(), 0);
+}
+
+#[tokio::test]
+async fn chunked_write_bodies_over_the_limit_are_not_forwarded_whole() {
+    let h = Harness::with(|c| c.max_body_bytes = 1000).await;
+    let chunk = "a".repeat(1500);
+    let request = format!(
+        "POST /v26.0/act_1/adimages?access_token=EAAx HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+        chunk.len()
+    );
+    let reply = raw(h.addr, request.as_bytes()).await;
+    assert!(!reply.starts_with("HTTP/1.1 200"), "{reply}");
+    // The upstream never received a complete oversized body.
+    assert!(h.mock.seen().iter().all(|s| s.body.len() <= 1000));
+}
+
+#[tokio::test]
+async fn malformed_requests_are_rejected_without_reaching_upstream() {
+    let h = Harness::start().await;
+    for bad in [
+        &b"GET /v26.0/me?x=%ZZ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"[..],
+        b"GET /v26.0/ me HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GARBAGE\r\n\r\n",
+        b"GET /v26.0/me HTTP/1.1\r\nBad Header\r\n\r\n",
+    ] {
+        let reply = raw(h.addr, bad).await;
+        assert!(
+            reply.is_empty()
+                || reply.starts_with("HTTP/1.1 400")
+                || reply.starts_with("HTTP/1.1 200"),
+            "{reply}"
+        );
+    }
+    // Only the well-formed first request (undecodable escapes are kept as
+    // sent, like Graph) may have been forwarded.
+    assert!(h.mock.requests() <= 1);
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_after_the_header_timeout() {
+    let h = Harness::with(|c| c.header_read_timeout = Duration::from_secs(1)).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v26.0/me HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the connection was closed by graphcache");
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    assert_eq!(h.mock.requests(), 0);
+}
+
+#[tokio::test]
+async fn http2_cleartext_clients_are_served() {
+    let h = Harness::with(|c| c.routes.default.fresh_ttl = Duration::from_secs(60)).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    for expected in [
+        "graphcache; fwd=uri-miss; fwd-status=200; stored",
+        "graphcache; hit",
+    ] {
+        let request = Request::get(format!("http://{}/v26.0/h2?access_token=EAAx", h.addr))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        assert_eq!(response.headers()["cache-status"], expected);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("\"id\":\"h2\""));
+    }
+    assert_eq!(h.mock.requests(), 1);
+}
+
+#[tokio::test]
+async fn admin_endpoints_and_metrics_never_show_tokens() {
+    let h = Harness::start().await;
+    h.get("/v26.0/act_1/ads?access_token=EAAsecretToken&appsecret_proof=proofvalue")
+        .await;
+    h.get("/v26.0/act_1/ads?access_token=EAAsecretToken&appsecret_proof=proofvalue")
+        .await;
+    assert_eq!(h.admin_get("/healthz").await.status, 200);
+    assert_eq!(h.admin_get("/readyz").await.status, 200);
+    assert_eq!(h.admin_get("/nope").await.status, 404);
+    let metrics = h.admin_get("/metrics").await;
+    assert_eq!(metrics.status, 200);
+    let text = metrics.text();
+    assert!(!text.contains("EAAsecretToken") && !text.contains("proofvalue"));
+    for name in [
+        "graphcache_requests_total{cache=\"miss\"} 1",
+        "graphcache_requests_total{cache=\"revalidated\"} 1",
+        "graphcache_upstream_requests_total{status_class=\"2xx\"} 1",
+        "graphcache_upstream_requests_total{status_class=\"3xx\"} 1",
+        "graphcache_upstream_request_duration_seconds_count 2",
+        "graphcache_cache_entries 1",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+    assert!(h.metric("graphcache_cache_size_bytes").await > 0.0);
+}
+
+#[tokio::test]
+async fn evictions_keep_the_cache_within_its_byte_bound() {
+    let h = Harness::with(|c| {
+        c.cache_max_bytes = 20_000;
+        c.routes.default.fresh_ttl = Duration::from_secs(60);
+    })
+    .await;
+    for i in 0..40 {
+        h.get(&format!("/v26.0/big?bytes=2000&n={i}&access_token=EAAx"))
+            .await;
+    }
+    let bytes = h.metric("graphcache_cache_size_bytes").await;
+    assert!(bytes <= 20_000.0, "{bytes}");
+    assert!(
+        h.metric("graphcache_cache_evictions_total{cause=\"size\"}")
+            .await
+            > 0.0
+    );
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_requests_then_stops() {
+    let mut h = Harness::with(|c| c.shutdown_grace = Duration::from_secs(10)).await;
+    h.mock.hold("/slow");
+    let addr = h.addr;
+    let in_flight = tokio::spawn(async move {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
+        let request = Request::get(format!("http://{addr}/v26.0/slow?access_token=EAAx"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        let status = response.status();
+        (
+            status,
+            response.into_body().collect().await.unwrap().to_bytes(),
+        )
+    });
+    h.mock.wait_for_requests(1).await;
+    h.signal_shutdown();
+    // Readiness flips while draining; new connections are refused.
+    let admin = h.admin;
+    let mut drained = false;
+    for _ in 0..100 {
+        let reply = raw(
+            admin,
+            b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        if reply.starts_with("HTTP/1.1 503") || reply.is_empty() {
+            drained = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(drained);
+    h.mock.release();
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("\"id\":\"slow\""));
+    h.wait_stopped().await;
+    assert!(TcpStream::connect(addr).await.is_err());
+}
