@@ -25,7 +25,7 @@ use crate::key::{authorization_token, cache_key, CacheKey, QueryParams, TokenHas
 use crate::metrics::{Metrics, Outcome};
 use crate::redact::redact_target;
 use crate::routes::{objects_of, CachePolicy, ObjectId};
-use crate::upstream::{BoxError, Upstream, UpstreamBody};
+use crate::upstream::{BoxError, Upstream, UpstreamBody, UpstreamTimer};
 
 /// Largest GET body read to tell an SDK's `{}` from a real body.
 const MAX_GET_BODY: usize = 64 << 10;
@@ -72,7 +72,8 @@ impl Proxy {
         let started = Instant::now();
         let method = request.method().clone();
         let uri = request.uri().clone();
-        let (response, outcome) = match self.route(request).await {
+        let timer = UpstreamTimer::default();
+        let (response, outcome) = match self.route(request, &timer).await {
             Ok(handled) => (handled.response, handled.outcome),
             Err(error) => {
                 tracing::warn!(kind = error.kind(), error = %error, "request failed");
@@ -87,13 +88,18 @@ impl Proxy {
                 target = %redact_target(uri.path(), uri.query()),
                 status = response.status().as_u16(),
                 cache = outcome.as_str(),
-                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                upstream_us = timer.micros(),
+                duration_us = started.elapsed().as_micros() as u64,
             );
         }
         response
     }
 
-    async fn route(&self, request: Request<Incoming>) -> Result<Handled, ProxyError> {
+    async fn route(
+        &self,
+        request: Request<Incoming>,
+        timer: &UpstreamTimer,
+    ) -> Result<Handled, ProxyError> {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::Connect);
         }
@@ -125,9 +131,9 @@ impl Proxy {
                 .get("method")
                 .is_some_and(|m| !m.eq_ignore_ascii_case("get") && !m.eq_ignore_ascii_case("head"));
             if write_override {
-                return self.write(request, &params, Outcome::Write).await;
+                return self.write(request, &params, Outcome::Write, timer).await;
             }
-            return self.read(request, &params).await;
+            return self.read(request, &params, timer).await;
         }
         let outcome = if matches!(
             method,
@@ -137,7 +143,7 @@ impl Proxy {
         } else {
             Outcome::Pass
         };
-        self.write(request, &params, outcome).await
+        self.write(request, &params, outcome, timer).await
     }
 
     // === reads ===
@@ -146,6 +152,7 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         params: &QueryParams<'_>,
+        timer: &UpstreamTimer,
     ) -> Result<Handled, ProxyError> {
         let (parts, body) = request.into_parts();
         let body = read_get_body(body).await?;
@@ -153,10 +160,10 @@ impl Proxy {
         let control = client_cache_control(&parts.headers);
         let policy = self.config.routes.policy_for(path);
         if let GetBody::Some(bytes) = body {
-            return self.bypass(parts, Some(bytes)).await;
+            return self.bypass(parts, Some(bytes), timer).await;
         }
         if control.no_store || !policy.cache || params.contains("callback") {
-            return self.bypass(parts, None).await;
+            return self.bypass(parts, None, timer).await;
         }
         let identity = self.tokens.identify(
             params.get("access_token"),
@@ -182,12 +189,17 @@ impl Proxy {
             entry,
             forced: control.no_cache,
         };
-        self.fetch(parts, fetch).await
+        self.fetch(parts, fetch, timer).await
     }
 
     /// Goes upstream for a cacheable read: a revalidation when an entry with
     /// an ETag exists, a plain fetch otherwise.
-    async fn fetch(&self, parts: Parts, fetch: Fetch) -> Result<Handled, ProxyError> {
+    async fn fetch(
+        &self,
+        parts: Parts,
+        fetch: Fetch,
+        timer: &UpstreamTimer,
+    ) -> Result<Handled, ProxyError> {
         let validator = fetch.entry.as_ref().and_then(|e| e.etag.clone());
         let fwd = match (&fetch.entry, fetch.forced) {
             (None, _) => "uri-miss",
@@ -219,7 +231,11 @@ impl Proxy {
                 .filter(|e| e.freshness(now()) != Freshness::Expired)
                 .cloned()
         };
-        let response = match self.upstream.send(upstream_request, &self.metrics).await {
+        let response = match self
+            .upstream
+            .send(upstream_request, &self.metrics, timer)
+            .await
+        {
             Ok(response) => response,
             Err(error) => {
                 if let Some(entry) = stale_ok(&fetch.entry) {
@@ -353,7 +369,12 @@ impl Proxy {
     }
 
     /// A cacheable method that must not touch the cache.
-    async fn bypass(&self, parts: Parts, body: Option<Bytes>) -> Result<Handled, ProxyError> {
+    async fn bypass(
+        &self,
+        parts: Parts,
+        body: Option<Bytes>,
+        timer: &UpstreamTimer,
+    ) -> Result<Handled, ProxyError> {
         let mut headers = parts.headers.clone();
         strip_hop_by_hop(&mut headers);
         headers.remove(header::ACCEPT_ENCODING);
@@ -367,7 +388,7 @@ impl Proxy {
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = self.upstream.uri_for(parts.uri.path_and_query());
         *request.headers_mut() = headers;
-        let response = self.upstream.send(request, &self.metrics).await?;
+        let response = self.upstream.send(request, &self.metrics, timer).await?;
         let status = cache_status("bypass", Some(response.status().as_u16()), false, None);
         check_encoding(&parts.headers, response.headers())?;
         Ok(relay(&parts, response, status, Outcome::Bypass))
@@ -382,6 +403,7 @@ impl Proxy {
         request: Request<Incoming>,
         params: &QueryParams<'_>,
         outcome: Outcome,
+        timer: &UpstreamTimer,
     ) -> Result<Handled, ProxyError> {
         let (parts, body) = request.into_parts();
         let max_body = self.config.max_body_bytes;
@@ -415,7 +437,7 @@ impl Proxy {
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = self.upstream.uri_for(parts.uri.path_and_query());
         *request.headers_mut() = headers;
-        let response = self.upstream.send(request, &self.metrics).await?;
+        let response = self.upstream.send(request, &self.metrics, timer).await?;
         if outcome == Outcome::Write && response.status().is_success() {
             let objects = objects_of(
                 parts.uri.path(),

@@ -24,6 +24,28 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of a request sent upstream.
 pub type UpstreamBody = BoxBody<Bytes, BoxError>;
 
+/// Time one client request spent waiting on upstream response heads, for
+/// the access log. Atomic only because request futures must be `Send`.
+#[derive(Debug, Default)]
+pub struct UpstreamTimer {
+    micros: std::sync::atomic::AtomicU64,
+    used: std::sync::atomic::AtomicBool,
+}
+
+impl UpstreamTimer {
+    fn add(&self, elapsed: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.micros.fetch_add(elapsed.as_micros() as u64, Relaxed);
+        self.used.store(true, Relaxed);
+    }
+
+    /// Total upstream time in microseconds, or None if nothing went upstream.
+    pub fn micros(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.used.load(Relaxed).then(|| self.micros.load(Relaxed))
+    }
+}
+
 /// The configured upstream and a pooled client for it.
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
@@ -102,11 +124,14 @@ impl Upstream {
         &self,
         mut request: Request<UpstreamBody>,
         metrics: &Metrics,
+        timer: &UpstreamTimer,
     ) -> Result<Response<Incoming>, ProxyError> {
         request.headers_mut().insert(HOST, self.host.clone());
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, self.client.request(request)).await;
-        let elapsed = started.elapsed().as_secs_f64();
+        let elapsed = started.elapsed();
+        timer.add(elapsed);
+        let elapsed = elapsed.as_secs_f64();
         match result {
             Ok(Ok(response)) => {
                 metrics.observe_upstream(Some(response.status()), elapsed);

@@ -410,13 +410,18 @@ fn read(
             let data: Vec<Value> = (0..limit)
                 .map(|i| json!({"id": format!("{node}_{edge}_{i}"), "version": version(node)}))
                 .collect();
-            json!({
-                "data": data,
-                "paging": {
-                    "cursors": {"after": "QVFI"},
-                    "next": format!("https://graph.facebook.com/v26.0/{node}/{edge}?access_token={token}&limit={limit}&after=QVFI")
-                }
-            })
+            // Two pages: the first links to the second, which is the last.
+            if params.contains_key("after") {
+                json!({"data": data, "paging": {"cursors": {"before": "QVFI"}}})
+            } else {
+                json!({
+                    "data": data,
+                    "paging": {
+                        "cursors": {"after": "QVFI"},
+                        "next": format!("https://graph.facebook.com/v26.0/{node}/{edge}?access_token={token}&limit={limit}&after=QVFI")
+                    }
+                })
+            }
         }
     };
     let body_bytes = serde_json::to_vec(&body).unwrap();
