@@ -13,6 +13,7 @@ use clap::Parser;
 use http::Uri;
 use serde::Deserialize;
 
+use crate::dispatch::PackingSettings;
 use crate::routes::{CachePolicy, RoutePolicies, RouteRule};
 
 /// Command line. The flag names are a contract with users: keep them.
@@ -87,6 +88,12 @@ pub struct RawConfig {
     access_log: Option<bool>,
     log_format: Option<String>,
     log_level: Option<String>,
+    coalesce: Option<bool>,
+    coalesce_wait: Option<u64>,
+    batch: Option<bool>,
+    batch_max_in_flight: Option<u64>,
+    batch_max_items: Option<u64>,
+    batch_window_ms: Option<u64>,
     #[serde(default)]
     route: Vec<RawRoute>,
 }
@@ -129,10 +136,20 @@ pub struct Config {
     pub access_log: bool,
     pub log_format: LogFormat,
     pub log_level: String,
+    pub coalesce: CoalesceSettings,
+    pub packing: PackingSettings,
+}
+
+/// Sharing of identical concurrent reads.
+#[derive(Debug, Clone)]
+pub struct CoalesceSettings {
+    pub enabled: bool,
+    /// How long a request waits for a shared call before a 504.
+    pub wait: Duration,
 }
 
 /// Every top-level key, for environment lookup and messages.
-pub const KEYS: [&str; 18] = [
+pub const KEYS: [&str; 24] = [
     "listen",
     "admin_listen",
     "upstream",
@@ -150,6 +167,12 @@ pub const KEYS: [&str; 18] = [
     "access_log",
     "log_format",
     "log_level",
+    "coalesce",
+    "coalesce_wait",
+    "batch",
+    "batch_max_in_flight",
+    "batch_max_items",
+    "batch_window_ms",
     "route",
 ];
 
@@ -328,7 +351,36 @@ impl RawConfig {
             usize::try_from(v)
                 .map_err(|_| ConfigError::Invalid(format!("{key} = {v} is too large")))
         };
+        let batch_max_items = positive(
+            "batch_max_items",
+            self.batch_max_items,
+            crate::batch::MAX_ITEMS as u64,
+        )?;
+        if batch_max_items > crate::batch::MAX_ITEMS as u64 {
+            return Err(ConfigError::Invalid(format!(
+                "batch_max_items = {batch_max_items} is too large; Graph allows at most {} items per batch",
+                crate::batch::MAX_ITEMS
+            )));
+        }
+        let upstream_timeout = positive("upstream_timeout", self.upstream_timeout, 60)?;
         Ok(Config {
+            coalesce: CoalesceSettings {
+                enabled: self.coalesce.unwrap_or(true),
+                wait: Duration::from_secs(positive(
+                    "coalesce_wait",
+                    self.coalesce_wait,
+                    upstream_timeout,
+                )?),
+            },
+            packing: PackingSettings {
+                enabled: self.batch.unwrap_or(true),
+                max_in_flight: usize_of(
+                    "batch_max_in_flight",
+                    positive("batch_max_in_flight", self.batch_max_in_flight, 4)?,
+                )?,
+                max_items: batch_max_items as usize,
+                window: Duration::from_millis(self.batch_window_ms.unwrap_or(0)),
+            },
             listen: addr("listen", self.listen, "127.0.0.1:8080")?,
             admin_listen: addr("admin_listen", self.admin_listen, "127.0.0.1:9090")?,
             upstream,

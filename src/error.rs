@@ -1,6 +1,8 @@
 //! Errors graphcache makes itself, rendered once, at the edge, in Graph's own
 //! error envelope so SDK clients parse them like any Graph error.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::{Response, StatusCode};
@@ -11,7 +13,7 @@ use crate::body::ResponseBody;
 pub const PROXY_ERROR_HEADER: &str = "x-graphcache-error";
 
 /// Why graphcache answered a request itself with an error.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
     #[error("{0}")]
     BadRequest(&'static str),
@@ -24,13 +26,21 @@ pub enum ProxyError {
     #[error("request body is larger than the configured limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("reading the request body failed: {0}")]
-    ClientBody(#[source] hyper::Error),
+    ClientBody(#[source] Arc<hyper::Error>),
     #[error("the upstream could not be reached: {0}")]
-    UpstreamUnreachable(#[source] hyper_util::client::legacy::Error),
+    UpstreamUnreachable(#[source] Arc<hyper_util::client::legacy::Error>),
     #[error("the upstream failed while sending its answer: {0}")]
-    UpstreamBody(#[source] hyper::Error),
+    UpstreamBody(#[source] Arc<hyper::Error>),
     #[error("the upstream did not answer within {0:?}")]
     UpstreamTimeout(std::time::Duration),
+    #[error("the upstream answer is larger than the configured limit of {limit} bytes")]
+    UpstreamTooLarge { limit: usize },
+    #[error("the shared upstream call for this request did not finish within {0:?}")]
+    CoalesceTimeout(std::time::Duration),
+    #[error("the shared upstream call for this request failed")]
+    FlightLost,
+    #[error("an upstream batch failed as a whole: {0}")]
+    BatchFailed(String),
     #[error("the upstream answered with a content encoding the client does not accept")]
     UpstreamEncoding,
 }
@@ -45,10 +55,13 @@ impl ProxyError {
             Self::Connect => StatusCode::METHOD_NOT_ALLOWED,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UpstreamUnreachable(_) | Self::UpstreamBody(_) | Self::UpstreamEncoding => {
-                StatusCode::BAD_GATEWAY
-            }
-            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamUnreachable(_)
+            | Self::UpstreamBody(_)
+            | Self::UpstreamEncoding
+            | Self::UpstreamTooLarge { .. }
+            | Self::FlightLost
+            | Self::BatchFailed(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout(_) | Self::CoalesceTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -76,6 +89,10 @@ impl ProxyError {
             Self::UpstreamBody(_) => "upstream_body",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::UpstreamEncoding => "upstream_encoding",
+            Self::UpstreamTooLarge { .. } => "upstream_too_large",
+            Self::CoalesceTimeout(_) => "coalesce_timeout",
+            Self::FlightLost => "flight_lost",
+            Self::BatchFailed(_) => "batch_failed",
         }
     }
 

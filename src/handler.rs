@@ -13,9 +13,12 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 
+use crate::batch;
 use crate::body::{collect_up_to, Collected, ResponseBody};
 use crate::cache::{CachedResponse, Freshness, ReadTicket, Store};
+use crate::coalesce::Flights;
 use crate::config::Config;
+use crate::dispatch::{Answer, GroupKey, Groups, UpstreamGet};
 use crate::error::ProxyError;
 use crate::headers::{
     accepts_gzip, age_value, client_cache_control, header_bytes, if_none_match_matches, is_encoded,
@@ -39,6 +42,8 @@ const HIT: HeaderValue = HeaderValue::from_static("graphcache; hit");
 
 /// Everything the request path needs, shared by all connections.
 pub struct Proxy {
+    pub(crate) flights: Flights<(CacheKey, Option<HeaderValue>), Arc<FetchOutcome>>,
+    pub(crate) groups: Groups,
     pub config: Arc<Config>,
     pub store: Store,
     pub upstream: Upstream,
@@ -68,7 +73,7 @@ enum GetBody {
 
 impl Proxy {
     /// Answers one client request. Never fails: errors become Graph envelopes.
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+    pub async fn handle(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
         let started = Instant::now();
         let method = request.method().clone();
         let uri = request.uri().clone();
@@ -96,7 +101,7 @@ impl Proxy {
     }
 
     async fn route(
-        &self,
+        self: &Arc<Self>,
         request: Request<Incoming>,
         timer: &UpstreamTimer,
     ) -> Result<Handled, ProxyError> {
@@ -149,7 +154,7 @@ impl Proxy {
     // === reads ===
 
     async fn read(
-        &self,
+        self: &Arc<Self>,
         request: Request<Incoming>,
         params: &QueryParams<'_>,
         timer: &UpstreamTimer,
@@ -181,191 +186,264 @@ impl Proxy {
                 return Ok(serve_entry(&parts, entry, now, HIT, Outcome::Hit));
             }
         }
+        let validator = entry.as_ref().and_then(|e| e.etag.clone());
+        let get = self.upstream_get(
+            &parts,
+            params,
+            identity,
+            validator.as_ref(),
+            entry.is_some(),
+        );
         let fetch = Fetch {
             key,
             policy,
             objects: objects_of(path, params.iter()).into(),
             ticket: self.store.read_ticket(),
+            fwd: match (&entry, control.no_cache) {
+                (None, _) => "uri-miss",
+                (Some(_), true) => "request",
+                (Some(_), false) => "stale",
+            },
+            validated: validator.is_some(),
             entry,
-            forced: control.no_cache,
         };
-        self.fetch(parts, fetch, timer).await
+        let outcome = self.fetch(&parts, fetch, get).await?;
+        timer.add(Duration::from_micros(outcome.upstream_us()));
+        self.respond(&parts, &outcome)
     }
 
-    /// Goes upstream for a cacheable read: a revalidation when an entry with
-    /// an ETag exists, a plain fetch otherwise.
-    async fn fetch(
+    /// The upstream GET for a cacheable read: a revalidation with the stored
+    /// ETag when there is one, the client's own conditional when there is no
+    /// entry, an unconditional fetch otherwise.
+    fn upstream_get(
         &self,
-        parts: Parts,
-        fetch: Fetch,
-        timer: &UpstreamTimer,
-    ) -> Result<Handled, ProxyError> {
-        let validator = fetch.entry.as_ref().and_then(|e| e.etag.clone());
-        let fwd = match (&fetch.entry, fetch.forced) {
-            (None, _) => "uri-miss",
-            (Some(_), true) => "request",
-            (Some(_), false) => "stale",
-        };
+        parts: &Parts,
+        params: &QueryParams<'_>,
+        identity: crate::key::TokenIdentity,
+        validator: Option<&HeaderValue>,
+        has_entry: bool,
+    ) -> UpstreamGet {
         let mut headers = parts.headers.clone();
         strip_hop_by_hop(&mut headers);
-        headers.remove(header::ACCEPT_ENCODING);
-        headers.remove(header::CACHE_CONTROL);
-        headers.remove(header::PRAGMA);
-        headers.remove(header::CONTENT_LENGTH);
-        headers.remove(header::CONTENT_TYPE);
-        headers.remove(header::IF_MODIFIED_SINCE);
-        if let Some(tag) = &validator {
-            headers.insert(header::IF_NONE_MATCH, tag.clone());
-        } else if fetch.entry.is_some() {
-            // An entry without an ETag cannot be revalidated: fetch it anew.
-            headers.remove(header::IF_NONE_MATCH);
+        for name in [
+            header::ACCEPT_ENCODING,
+            header::CACHE_CONTROL,
+            header::PRAGMA,
+            header::CONTENT_LENGTH,
+            header::CONTENT_TYPE,
+            header::IF_MODIFIED_SINCE,
+        ] {
+            headers.remove(name);
         }
-        let mut upstream_request = Request::new(empty_body());
-        *upstream_request.uri_mut() = self.upstream.uri_for(parts.uri.path_and_query());
-        *upstream_request.headers_mut() = headers;
-        let deadline = tokio::time::Instant::now() + self.upstream.timeout;
-        let now = Instant::now;
+        match validator {
+            Some(tag) => {
+                headers.insert(header::IF_NONE_MATCH, tag.clone());
+            }
+            // An entry without an ETag cannot be revalidated: fetch it anew.
+            None if has_entry => {
+                headers.remove(header::IF_NONE_MATCH);
+            }
+            None => {}
+        }
+        let path = parts.uri.path();
+        UpstreamGet {
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            group: GroupKey {
+                version: batch::api_version(path).map(Into::into),
+                identity,
+                user_agent: headers.get(header::USER_AGENT).cloned(),
+            },
+            relative_url: batch::relative_url(path, parts.uri.query()),
+            access_token: params.get("access_token").map(str::to_owned),
+            appsecret_proof: params.get("appsecret_proof").map(str::to_owned),
+            headers,
+        }
+    }
+
+    /// Runs the upstream part of a cacheable read, shared with identical
+    /// concurrent reads unless coalescing is off.
+    async fn fetch(
+        self: &Arc<Self>,
+        parts: &Parts,
+        fetch: Fetch,
+        get: UpstreamGet,
+    ) -> Result<Arc<FetchOutcome>, ProxyError> {
+        let settings = &self.config.coalesce;
+        if !settings.enabled {
+            return Ok(Arc::new(self.run_fetch(fetch, get).await));
+        }
+        // Requests share a call only if they would send the same request:
+        // the client's own conditional matters when there is no entry.
+        let client_conditional = match &fetch.entry {
+            None => parts.headers.get(header::IF_NONE_MATCH).cloned(),
+            Some(_) => None,
+        };
+        let proxy = self.clone();
+        let ticket = self
+            .flights
+            .join_or_start((fetch.key, client_conditional), move || async move {
+                Arc::new(proxy.run_fetch(fetch, get).await)
+            });
+        let metrics = &self.metrics.coalesce;
+        if ticket.joined {
+            metrics.joined.inc();
+        }
+        // A guard, so a request dropped on client disconnect still counts down.
+        let _waiting = GaugeGuard::new(&metrics.waiting);
+        let result = tokio::time::timeout(settings.wait, ticket.wait()).await;
+        match result {
+            Ok(Some(outcome)) => Ok(outcome),
+            Ok(None) => Err(ProxyError::FlightLost),
+            Err(_) => Err(ProxyError::CoalesceTimeout(settings.wait)),
+        }
+    }
+
+    /// Goes upstream (alone or in a batch), then updates the cache: a 304
+    /// refreshes the entry, a storable 200 replaces it, a 4xx drops it, and a
+    /// failure falls back to the stale entry if it is young enough.
+    async fn run_fetch(self: &Arc<Self>, fetch: Fetch, get: UpstreamGet) -> FetchOutcome {
         let stale_ok = |entry: &Option<Arc<CachedResponse>>| {
             entry
                 .as_ref()
-                .filter(|e| e.freshness(now()) != Freshness::Expired)
+                .filter(|e| e.freshness(Instant::now()) != Freshness::Expired)
                 .cloned()
         };
-        let response = match self
-            .upstream
-            .send(upstream_request, &self.metrics, timer)
-            .await
-        {
-            Ok(response) => response,
+        let answer = match self.dispatch(get).await {
+            Ok(answer) => answer,
             Err(error) => {
                 if let Some(entry) = stale_ok(&fetch.entry) {
                     tracing::warn!(kind = error.kind(), error = %error, "serving stale after upstream failure");
-                    let status = cache_status("stale", None, false, Some("stale-if-error"));
-                    return Ok(serve_entry(&parts, &entry, now(), status, Outcome::Stale));
+                    return FetchOutcome::Stale {
+                        entry,
+                        fwd_status: None,
+                        upstream_us: 0,
+                    };
                 }
-                return Err(error);
+                return FetchOutcome::Failed(error);
             }
         };
-        let status = response.status();
-        check_encoding(&parts.headers, response.headers())?;
+        let status = answer.status;
+        let upstream_us = answer.upstream_us;
         if status == StatusCode::NOT_MODIFIED {
-            if let (Some(entry), Some(_)) = (&fetch.entry, &validator) {
-                let refreshed = entry.revalidated(response.headers().get(header::ETAG).cloned());
-                let refreshed = Arc::new(refreshed);
-                // Store a copy: the served entry must not wait for the insert.
+            if let (Some(entry), true) = (&fetch.entry, fetch.validated) {
+                let refreshed =
+                    Arc::new(entry.revalidated(answer.headers.get(header::ETAG).cloned()));
                 self.store
                     .put(fetch.key, clone_entry(&refreshed), fetch.ticket)
                     .await;
-                let status = cache_status(fwd, Some(304), false, None);
-                return Ok(serve_entry(
-                    &parts,
-                    &refreshed,
-                    now(),
-                    status,
-                    Outcome::Revalidated,
-                ));
+                return FetchOutcome::Revalidated {
+                    entry: refreshed,
+                    fwd: fetch.fwd,
+                    upstream_us,
+                };
             }
-            // The client's own conditional, relayed.
-            return Ok(relay(
-                &parts,
-                response,
-                cache_status(fwd, Some(304), false, None),
-                Outcome::Miss,
-            ));
         }
         if status.is_server_error() {
             if let Some(entry) = stale_ok(&fetch.entry) {
-                let status = cache_status(
-                    "stale",
-                    Some(status.as_u16()),
-                    false,
-                    Some("stale-if-error"),
-                );
-                return Ok(serve_entry(&parts, &entry, now(), status, Outcome::Stale));
+                return FetchOutcome::Stale {
+                    entry,
+                    fwd_status: Some(status.as_u16()),
+                    upstream_us,
+                };
             }
         }
-        let outcome = if fetch.entry.is_some() {
-            Outcome::Refreshed
-        } else {
-            Outcome::Miss
+        let not_stored = |answer: Answer, detail| FetchOutcome::Answer {
+            answer,
+            stored: false,
+            fwd: fetch.fwd,
+            detail,
+            outcome: Outcome::Miss,
         };
-        if status != StatusCode::OK || !storable_head(response.headers()) {
+        if status != StatusCode::OK || !storable_head(&answer.headers) {
             if fetch.entry.is_some() && status.is_client_error() {
                 // The object is gone or no longer readable with this token.
                 self.store.remove(&fetch.key).await;
             }
-            let outcome = if outcome == Outcome::Refreshed {
-                Outcome::Miss
-            } else {
-                outcome
-            };
-            return Ok(relay(
-                &parts,
-                response,
-                cache_status(fwd, Some(status.as_u16()), false, None),
-                outcome,
-            ));
+            return not_stored(answer, None);
         }
-        if content_length(response.headers())
-            .is_some_and(|n| n > self.config.max_entry_bytes as u64)
-        {
-            return Ok(relay(
-                &parts,
-                response,
-                cache_status(fwd, Some(200), false, Some("too-large")),
-                Outcome::Miss,
-            ));
+        if answer.body.len() > self.config.max_entry_bytes {
+            return not_stored(answer, Some("too-large"));
         }
-        let (mut head, body) = response.into_parts();
-        let collected =
-            tokio::time::timeout_at(deadline, collect_up_to(body, self.config.max_entry_bytes))
-                .await
-                .map_err(|_| ProxyError::UpstreamTimeout(self.upstream.timeout))?
-                .map_err(ProxyError::UpstreamBody)?;
-        let body = match collected {
-            Collected::Complete(body) => body,
-            Collected::Overflow { prefix, rest } => {
-                let response = Response::from_parts(
-                    head,
-                    ResponseBody::Relay {
-                        prefix: Some(prefix),
-                        rest,
-                    },
-                );
-                let status = cache_status(fwd, Some(200), false, Some("too-large"));
-                return Ok(relay(&parts, response, status, Outcome::Miss));
-            }
-        };
-        strip_hop_by_hop(&mut head.headers);
-        if !storable_body(&body) {
-            let status = cache_status(fwd, Some(200), false, None);
-            return Ok(Handled::new(
-                full_response(&parts, head, body, status),
-                Outcome::Miss,
-            ));
+        if !storable_body(&answer.body) {
+            return not_stored(answer, None);
         }
-        let mut stored_headers = head.headers.clone();
+        let mut stored_headers = answer.headers.clone();
         strip_per_call(&mut stored_headers);
         stored_headers.remove(header::CONTENT_LENGTH);
         let etag = stored_headers.get(header::ETAG).cloned();
         let entry = CachedResponse::new(
             stored_headers,
-            body.clone(),
+            answer.body.clone(),
             etag,
             fetch.policy,
             fetch.objects,
         );
         let stored = fetch.policy.retention() > Duration::ZERO
             && self.store.put(fetch.key, entry, fetch.ticket).await;
-        let status = cache_status(fwd, Some(200), stored, None);
-        let etag = head.headers.get(header::ETAG);
-        if etag.is_some_and(|tag| if_none_match_matches(&parts.headers, tag)) {
-            return Ok(Handled::new(not_modified(&head.headers, status), outcome));
+        FetchOutcome::Answer {
+            answer,
+            stored,
+            fwd: fetch.fwd,
+            detail: None,
+            outcome: if fetch.entry.is_some() {
+                Outcome::Refreshed
+            } else {
+                Outcome::Miss
+            },
         }
-        Ok(Handled::new(
-            full_response(&parts, head, body, status),
-            outcome,
-        ))
+    }
+
+    /// One waiter's response from a (possibly shared) fetch outcome.
+    fn respond(&self, parts: &Parts, outcome: &FetchOutcome) -> Result<Handled, ProxyError> {
+        let now = Instant::now();
+        match outcome {
+            FetchOutcome::Revalidated { entry, fwd, .. } => Ok(serve_entry(
+                parts,
+                entry,
+                now,
+                cache_status(fwd, Some(304), false, None),
+                Outcome::Revalidated,
+            )),
+            FetchOutcome::Stale {
+                entry, fwd_status, ..
+            } => Ok(serve_entry(
+                parts,
+                entry,
+                now,
+                cache_status("stale", *fwd_status, false, Some("stale-if-error")),
+                Outcome::Stale,
+            )),
+            FetchOutcome::Failed(error) => Err(error.clone()),
+            FetchOutcome::Answer {
+                answer,
+                stored,
+                fwd,
+                detail,
+                outcome,
+            } => {
+                check_encoding(&parts.headers, &answer.headers)?;
+                let status = cache_status(fwd, Some(answer.status.as_u16()), *stored, *detail);
+                let matches = answer.status == StatusCode::OK
+                    && answer
+                        .headers
+                        .get(header::ETAG)
+                        .is_some_and(|tag| if_none_match_matches(&parts.headers, tag));
+                if matches {
+                    return Ok(Handled::new(
+                        not_modified(&answer.headers, status),
+                        *outcome,
+                    ));
+                }
+                Ok(Handled::new(
+                    answer_response(parts, answer, status),
+                    *outcome,
+                ))
+            }
+        }
     }
 
     /// A cacheable method that must not touch the cache.
@@ -413,7 +491,7 @@ impl Proxy {
         } else if outcome == Outcome::Write && parseable_write_body(&parts.headers) {
             match collect_up_to(body, MAX_PARSED_WRITE_BODY.min(max_body))
                 .await
-                .map_err(ProxyError::ClientBody)?
+                .map_err(|e| ProxyError::ClientBody(Arc::new(e)))?
             {
                 Collected::Complete(bytes) => {
                     body_params = write_body_params(&parts.headers, &bytes);
@@ -454,6 +532,22 @@ impl Proxy {
     }
 }
 
+/// Holds a gauge up for as long as it lives.
+struct GaugeGuard<'a>(&'a prometheus::IntGauge);
+
+impl<'a> GaugeGuard<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// What a cacheable read needs once it goes upstream.
 struct Fetch {
     key: CacheKey,
@@ -461,8 +555,46 @@ struct Fetch {
     objects: Arc<[ObjectId]>,
     ticket: ReadTicket,
     entry: Option<Arc<CachedResponse>>,
-    /// The client asked for revalidation (`no-cache`).
-    forced: bool,
+    /// The stored ETag went upstream as `If-None-Match`.
+    validated: bool,
+    /// RFC 9211 `fwd` value: why the request went upstream.
+    fwd: &'static str,
+}
+
+/// What one upstream fetch came to; shared by every waiter of a flight.
+#[derive(Debug)]
+pub(crate) enum FetchOutcome {
+    /// 304 to our revalidation: the refreshed entry.
+    Revalidated {
+        entry: Arc<CachedResponse>,
+        fwd: &'static str,
+        upstream_us: u64,
+    },
+    /// Upstream failed; this entry is young enough to serve.
+    Stale {
+        entry: Arc<CachedResponse>,
+        fwd_status: Option<u16>,
+        upstream_us: u64,
+    },
+    /// Upstream answered; served as it came (and stored if `stored`).
+    Answer {
+        answer: Answer,
+        stored: bool,
+        fwd: &'static str,
+        detail: Option<&'static str>,
+        outcome: Outcome,
+    },
+    Failed(ProxyError),
+}
+
+impl FetchOutcome {
+    fn upstream_us(&self) -> u64 {
+        match self {
+            Self::Revalidated { upstream_us, .. } | Self::Stale { upstream_us, .. } => *upstream_us,
+            Self::Answer { answer, .. } => answer.upstream_us,
+            Self::Failed(_) => 0,
+        }
+    }
 }
 
 /// Reads a GET body to tell "no body" (including the Node SDK's `{}`) from a
@@ -474,7 +606,7 @@ async fn read_get_body(body: Incoming) -> Result<GetBody, ProxyError> {
     let collected = tokio::time::timeout(GET_BODY_TIMEOUT, collect_up_to(body, MAX_GET_BODY))
         .await
         .map_err(|_| ProxyError::BadRequest("the request body was not received in time"))?
-        .map_err(ProxyError::ClientBody)?;
+        .map_err(|e| ProxyError::ClientBody(Arc::new(e)))?;
     match collected {
         Collected::Complete(bytes) => {
             let trimmed = bytes.trim_ascii();
@@ -544,27 +676,27 @@ fn not_modified(headers: &HeaderMap, cache_status: HeaderValue) -> Response<Resp
     response
 }
 
-/// A collected upstream answer sent to the client.
-fn full_response(
+/// A collected upstream answer sent to one client.
+fn answer_response(
     parts: &Parts,
-    head: http::response::Parts,
-    body: Bytes,
+    answer: &Answer,
     cache_status: HeaderValue,
 ) -> Response<ResponseBody> {
-    let length = body.len();
-    let body = if parts.method == Method::HEAD {
+    let head = parts.method == Method::HEAD;
+    let mut response = Response::new(if head {
         ResponseBody::Empty
     } else {
-        ResponseBody::full(body)
-    };
-    let mut response = Response::from_parts(head, body);
-    response.headers_mut().remove(header::CONTENT_LENGTH);
-    if parts.method == Method::HEAD {
-        response
-            .headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        ResponseBody::full(answer.body.clone())
+    });
+    *response.status_mut() = answer.status;
+    let headers = response.headers_mut();
+    headers.reserve(answer.headers.len() + 2);
+    headers.extend(answer.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
+    headers.remove(header::CONTENT_LENGTH);
+    if head {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(answer.body.len()));
     }
-    response.headers_mut().insert(CACHE_STATUS, cache_status);
+    headers.insert(CACHE_STATUS, cache_status);
     response
 }
 
@@ -697,13 +829,13 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-fn empty_body() -> UpstreamBody {
+pub(crate) fn empty_body() -> UpstreamBody {
     Empty::<Bytes>::new()
         .map_err(|never| match never {})
         .boxed()
 }
 
-fn full_body(bytes: Bytes) -> UpstreamBody {
+pub(crate) fn full_body(bytes: Bytes) -> UpstreamBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 

@@ -7,6 +7,9 @@
 //! - [`key`]: cache keys and token identities (blake3; tokens never stored);
 //! - [`routes`]: per-route cache policy and the Graph objects a request touches;
 //! - [`cache`]: the byte-bounded store and its object index;
+//! - [`coalesce`]: identical concurrent reads share one upstream call;
+//! - [`dispatch`]: reads go upstream alone, or packed into Graph batches;
+//! - [`batch`]: the Graph batch wire format;
 //! - [`upstream`]: the pooled rustls client for the one configured upstream;
 //! - [`headers`], [`body`], [`redact`]: small pure helpers;
 //! - [`error`]: errors graphcache makes, rendered as Graph error envelopes;
@@ -14,9 +17,12 @@
 //! - [`config`]: flags, environment, TOML file, validation.
 
 pub mod admin;
+pub mod batch;
 pub mod body;
 pub mod cache;
+pub mod coalesce;
 pub mod config;
+pub mod dispatch;
 pub mod error;
 pub mod handler;
 pub mod headers;

@@ -15,6 +15,34 @@ pub const CACHE_ENTRIES: &str = "graphcache_cache_entries";
 pub const CACHE_BYTES: &str = "graphcache_cache_size_bytes";
 pub const CACHE_EVICTIONS: &str = "graphcache_cache_evictions_total";
 pub const CACHE_INVALIDATIONS: &str = "graphcache_cache_invalidated_entries_total";
+pub const UPSTREAM_CALLS: &str = "graphcache_upstream_calls_total";
+pub const BATCH_ITEMS: &str = "graphcache_batch_items";
+pub const BATCH_NULL_RETRIED: &str = "graphcache_batch_null_items_retried_total";
+pub const BATCH_FALLBACKS: &str = "graphcache_batch_fallbacks_total";
+pub const BATCH_QUEUED: &str = "graphcache_batch_queued_requests";
+pub const COALESCED: &str = "graphcache_coalesced_requests_total";
+pub const COALESCE_WAITING: &str = "graphcache_coalesce_waiting_requests";
+
+/// Packing of reads into Graph batches.
+pub struct PackingMetrics {
+    /// Plain GETs sent for cacheable reads.
+    pub single_calls: IntCounter,
+    /// Batch POSTs sent for packed reads.
+    pub batch_calls: IntCounter,
+    pub batch_items: Histogram,
+    pub null_retried: IntCounter,
+    pub fallbacks: IntCounter,
+    /// Reads waiting for the next batch of their group.
+    pub queued: IntGauge,
+}
+
+/// Sharing of identical reads.
+pub struct CoalesceMetrics {
+    /// Requests served by a call another request started.
+    pub joined: IntCounter,
+    /// Requests waiting on a shared call now.
+    pub waiting: IntGauge,
+}
 
 /// What the cache did for one client request; the `cache` label of
 /// [`REQUESTS`].
@@ -79,6 +107,8 @@ pub struct Metrics {
     cache_bytes: IntGauge,
     evictions: IntCounterVec,
     invalidations: IntCounter,
+    pub packing: PackingMetrics,
+    pub coalesce: CoalesceMetrics,
 }
 
 impl Metrics {
@@ -128,8 +158,56 @@ impl Metrics {
             "Entries dropped because a write changed their object.",
         )
         .expect("valid metric");
+        let calls = IntCounterVec::new(
+            Opts::new(
+                UPSTREAM_CALLS,
+                "Upstream calls made for cacheable reads, by kind (single GET or batch POST).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let packing = PackingMetrics {
+            single_calls: calls.with_label_values(&["single"]),
+            batch_calls: calls.with_label_values(&["batch"]),
+            batch_items: Histogram::with_opts(
+                HistogramOpts::new(BATCH_ITEMS, "Items per upstream batch graphcache packed.")
+                    .buckets(vec![2.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0]),
+            )
+            .expect("valid metric"),
+            null_retried: IntCounter::new(
+                BATCH_NULL_RETRIED,
+                "Batch items answered null (not executed) and retried alone.",
+            )
+            .expect("valid metric"),
+            fallbacks: IntCounter::new(
+                BATCH_FALLBACKS,
+                "Batches that failed as a whole and fell back to plain GETs.",
+            )
+            .expect("valid metric"),
+            queued: IntGauge::new(BATCH_QUEUED, "Reads waiting for their group's next batch.")
+                .expect("valid metric"),
+        };
+        let coalesce = CoalesceMetrics {
+            joined: IntCounter::new(
+                COALESCED,
+                "Requests served by an upstream call another identical request started.",
+            )
+            .expect("valid metric"),
+            waiting: IntGauge::new(
+                COALESCE_WAITING,
+                "Requests waiting on a shared upstream call.",
+            )
+            .expect("valid metric"),
+        };
         for c in [
-            Box::new(requests_vec) as Box<dyn prometheus::core::Collector>,
+            Box::new(calls) as Box<dyn prometheus::core::Collector>,
+            Box::new(packing.batch_items.clone()),
+            Box::new(packing.null_retried.clone()),
+            Box::new(packing.fallbacks.clone()),
+            Box::new(packing.queued.clone()),
+            Box::new(coalesce.joined.clone()),
+            Box::new(coalesce.waiting.clone()),
+            Box::new(requests_vec),
             Box::new(upstream_requests.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(cache_entries.clone()),
@@ -148,6 +226,8 @@ impl Metrics {
             cache_bytes,
             evictions,
             invalidations,
+            packing,
+            coalesce,
         }
     }
 

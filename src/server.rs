@@ -48,6 +48,8 @@ impl Graphcache {
         let upstream = Upstream::new(&config);
         let ready = Arc::new(AtomicBool::new(false));
         let proxy = Arc::new(Proxy {
+            flights: Default::default(),
+            groups: Default::default(),
             config: Arc::new(config),
             store: store.clone(),
             upstream,

@@ -33,7 +33,7 @@ pub struct UpstreamTimer {
 }
 
 impl UpstreamTimer {
-    fn add(&self, elapsed: Duration) {
+    pub fn add(&self, elapsed: Duration) {
         use std::sync::atomic::Ordering::Relaxed;
         self.micros.fetch_add(elapsed.as_micros() as u64, Relaxed);
         self.used.store(true, Relaxed);
@@ -139,7 +139,7 @@ impl Upstream {
             }
             Ok(Err(e)) => {
                 metrics.observe_upstream(None, elapsed);
-                Err(ProxyError::UpstreamUnreachable(e))
+                Err(ProxyError::UpstreamUnreachable(std::sync::Arc::new(e)))
             }
             Err(_) => {
                 metrics.observe_upstream(None, elapsed);

@@ -51,12 +51,26 @@ impl Seen {
     }
 }
 
+/// How the mock fails a whole batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchFailure {
+    None,
+    /// Answer batches with this status and an error envelope.
+    Status(u16),
+    /// Answer 200 with a body that is not an array.
+    NotArray,
+    /// Answer an array one entry short.
+    WrongLength,
+}
+
 #[derive(Default)]
 struct Counters {
     requests: AtomicU64,
     conditional: AtomicU64,
     not_modified: AtomicU64,
     writes: AtomicU64,
+    batches: AtomicU64,
+    batch_items: AtomicU64,
 }
 
 struct State {
@@ -71,6 +85,10 @@ struct State {
     held_path: Mutex<Option<String>>,
     /// Notified with the running count of requests received.
     arrivals: watch::Sender<u64>,
+    batch_failure: Mutex<BatchFailure>,
+    /// Batch items whose relative_url contains one of these come back
+    /// `null` (not executed), once each.
+    null_once: Mutex<Vec<String>>,
 }
 
 /// Handle to a running mock Graph server.
@@ -98,6 +116,8 @@ impl MockGraph {
             hold: watch::channel(false).0,
             held_path: Mutex::new(None),
             arrivals: watch::channel(0).0,
+            batch_failure: Mutex::new(BatchFailure::None),
+            null_once: Mutex::default(),
         });
         let serve_state = state.clone();
         tokio::spawn(async move {
@@ -147,6 +167,33 @@ impl MockGraph {
     /// Non-GET requests received.
     pub fn writes(&self) -> u64 {
         self.state.counters.writes.load(Ordering::SeqCst)
+    }
+    /// Batch POSTs received.
+    pub fn batches(&self) -> u64 {
+        self.state.counters.batches.load(Ordering::SeqCst)
+    }
+    /// Items received inside batches.
+    pub fn batch_items(&self) -> u64 {
+        self.state.counters.batch_items.load(Ordering::SeqCst)
+    }
+    pub fn set_batch_failure(&self, failure: BatchFailure) {
+        *self.state.batch_failure.lock().unwrap() = failure;
+    }
+    /// The next batch item whose relative_url contains `part` is answered null.
+    pub fn null_once(&self, part: &str) {
+        self.state.null_once.lock().unwrap().push(part.to_owned());
+    }
+    /// The decoded form fields and items of every batch received.
+    pub fn seen_batches(&self) -> Vec<(HashMap<String, String>, Vec<Value>)> {
+        self.seen()
+            .into_iter()
+            .filter_map(|s| {
+                let form: HashMap<String, String> =
+                    form_urlencoded::parse(&s.body).into_owned().collect();
+                let items: Vec<Value> = serde_json::from_str(form.get("batch")?).ok()?;
+                Some((form, items))
+            })
+            .collect()
     }
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
@@ -215,7 +262,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
     };
     state.seen.lock().unwrap().push(seen);
     let n = state.counters.requests.fetch_add(1, Ordering::SeqCst) + 1;
-    if parts.method != Method::GET && parts.method != Method::HEAD {
+    let is_batch = parts.method == Method::POST
+        && (form_urlencoded::parse(&body).any(|(k, _)| k == "batch") || query.contains("batch="));
+    if parts.method != Method::GET && parts.method != Method::HEAD && !is_batch {
         state.counters.writes.fetch_add(1, Ordering::SeqCst);
     }
     state.arrivals.send_replace(n);
@@ -266,6 +315,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
             "OAuthException",
         );
     }
+    if parts.method == Method::POST {
+        let form: HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+        if let Some(batch) = form.get("batch").or(params.get("batch")) {
+            let top_token = form.get("access_token").cloned().unwrap_or(token);
+            return run_batch(&state, &parts.headers, batch, &top_token);
+        }
+    }
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let segments: Vec<&str> = match segments.first() {
         Some(v)
@@ -284,6 +340,178 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
         return write(&state, &segments, &params, &body);
     }
     read(&state, &parts.headers, &segments, &params, &token)
+}
+
+/// Answers a batch the way Graph does: an array of `{code, headers, body}`
+/// with `body` a JSON string (null for a 304), or `null` entries.
+fn run_batch(
+    state: &State,
+    outer: &HeaderMap,
+    batch: &str,
+    top_token: &str,
+) -> Response<Full<Bytes>> {
+    state.counters.batches.fetch_add(1, Ordering::SeqCst);
+    match *state.batch_failure.lock().unwrap() {
+        BatchFailure::None => {}
+        BatchFailure::Status(code) => {
+            return envelope(
+                StatusCode::from_u16(code).unwrap(),
+                2,
+                "Service temporarily unavailable",
+                "OAuthException",
+            )
+        }
+        BatchFailure::NotArray => {
+            return json_response(
+                StatusCode::OK,
+                json!({"unexpected": true}),
+                &HeaderMap::new(),
+                "",
+            )
+        }
+        BatchFailure::WrongLength => {
+            return json_response(StatusCode::OK, json!([]), &HeaderMap::new(), "")
+        }
+    }
+    let Ok(items) = serde_json::from_str::<Vec<Value>>(batch) else {
+        return envelope(
+            StatusCode::BAD_REQUEST,
+            100,
+            "The parameter batch must be a JSON array",
+            "GraphBatchException",
+        );
+    };
+    if items.len() > 50 {
+        return envelope(
+            StatusCode::BAD_REQUEST,
+            1,
+            "Too many requests in batch message. Maximum batch size is 50",
+            "GraphBatchException",
+        );
+    }
+    let mut replies = Vec::new();
+    for item in &items {
+        state.counters.batch_items.fetch_add(1, Ordering::SeqCst);
+        let relative_url = item["relative_url"].as_str().unwrap_or("");
+        {
+            let mut nulls = state.null_once.lock().unwrap();
+            if let Some(i) = nulls.iter().position(|p| relative_url.contains(p.as_str())) {
+                nulls.remove(i);
+                replies.push(Value::Null);
+                continue;
+            }
+        }
+        let (item_path, item_query) = relative_url.split_once('?').unwrap_or((relative_url, ""));
+        let params: HashMap<String, String> = form_urlencoded::parse(item_query.as_bytes())
+            .into_owned()
+            .collect();
+        let token = params
+            .get("access_token")
+            .cloned()
+            .unwrap_or_else(|| top_token.to_owned());
+        let mut headers = HeaderMap::new();
+        if let Some(ua) = outer.get("user-agent") {
+            headers.insert("user-agent", ua.clone());
+        }
+        for h in item["headers"].as_array().into_iter().flatten() {
+            let (name, value) = match h {
+                Value::String(line) => match line.split_once(':') {
+                    Some((n, v)) => (n.trim().to_owned(), v.trim().to_owned()),
+                    None => continue,
+                },
+                Value::Object(o) => (
+                    o.get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned(),
+                    o.get("value")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned(),
+                ),
+                _ => continue,
+            };
+            if let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(&value),
+            ) {
+                headers.insert(n, v);
+            }
+        }
+        let segments: Vec<&str> = item_path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .filter(|s| {
+                !(s.starts_with('v')
+                    && s.len() > 1
+                    && s[1..].chars().all(|c| c.is_ascii_digit() || c == '.'))
+            })
+            .collect();
+        let method = item["method"]
+            .as_str()
+            .unwrap_or("GET")
+            .to_ascii_uppercase();
+        let response = if token == "bad" {
+            envelope(
+                StatusCode::BAD_REQUEST,
+                190,
+                "Invalid OAuth access token.",
+                "OAuthException",
+            )
+        } else if method == "GET" {
+            read(state, &headers, &segments, &params, &token)
+        } else {
+            let body = item["body"].as_str().unwrap_or("").as_bytes().to_vec();
+            state.counters.writes.fetch_add(1, Ordering::SeqCst);
+            let mut all = params.clone();
+            all.extend(form_urlencoded::parse(&body).into_owned());
+            write(state, &segments, &all, &body)
+        };
+        let (head, body) = response.into_parts();
+        let body = full_bytes(body);
+        let header_list: Vec<Value> = head
+            .headers
+            .iter()
+            .map(|(n, v)| json!({"name": canonical(n.as_str()), "value": v.to_str().unwrap_or("")}))
+            .collect();
+        let body = if head.status == StatusCode::NOT_MODIFIED {
+            Value::Null
+        } else {
+            Value::String(String::from_utf8_lossy(&body).into_owned())
+        };
+        replies.push(json!({"code": head.status.as_u16(), "headers": header_list, "body": body}));
+    }
+    let mut response = Response::new(Full::new(Bytes::from(Value::Array(replies).to_string())));
+    graph_headers(response.headers_mut());
+    add_usage(response.headers_mut(), state);
+    response
+}
+
+/// The bytes of a `Full` body built by this mock.
+fn full_bytes(body: Full<Bytes>) -> Bytes {
+    use http_body::Body;
+    let mut body = std::pin::pin!(body);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match body.as_mut().poll_frame(&mut cx) {
+        std::task::Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
+    }
+}
+
+/// Header names as Graph spells them in batch items (`ETag`, `Content-Type`).
+fn canonical(name: &str) -> String {
+    if name == "etag" {
+        return "ETag".to_owned();
+    }
+    name.split('-')
+        .map(|part| {
+            let mut c = part.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join("-")
 }
 
 fn write(

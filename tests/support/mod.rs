@@ -178,3 +178,22 @@ pub async fn dead_address() -> SocketAddr {
     drop(listener);
     addr
 }
+
+impl Harness {
+    /// Waits until the metric sample reaches `value` (bounded; polls the
+    /// admin endpoint, which is the signal graphcache gives).
+    pub async fn wait_for_metric(&self, sample: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let got = self.metric(sample).await;
+            if got == value {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{sample} stayed at {got}, expected {value}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+}
