@@ -24,7 +24,11 @@ type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Ful
 async fn get(client: &HttpClient, uri: String) -> Duration {
     let started = Instant::now();
     let response = client
-        .request(http::Request::get(uri).body(Full::new(Bytes::new())).unwrap())
+        .request(
+            http::Request::get(uri)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
@@ -80,14 +84,30 @@ async fn main() {
     let via = |h: &Harness| format!("http://{}", h.addr);
 
     println!("upstream latency {}ms; {CONCURRENT} concurrent clients per burst; lone misses one at a time", LATENCY.as_millis());
-    println!("{:<44} {:>9} {:>9} {:>9}", "scenario", "up/client", "p50 ms", "p99 ms");
+    println!(
+        "{:<44} {:>9} {:>9} {:>9}",
+        "scenario", "up/client", "p50 ms", "p99 ms"
+    );
 
     // A lone miss: what graphcache adds when there is nothing to share.
-    for (name, base) in [("lone miss, direct", direct.clone()), ("lone miss, through graphcache", via(&packed))] {
+    for (name, base) in [
+        ("lone miss, direct", direct.clone()),
+        ("lone miss, through graphcache", via(&packed)),
+    ] {
         let before = mock.requests();
         let mut latencies = Vec::new();
         for i in 0..LONE {
-            latencies.push(get(&client, format!("{base}/v26.0/{}?access_token=EAAlone{name_len}", 10_000 + i, name_len = name.len())).await);
+            latencies.push(
+                get(
+                    &client,
+                    format!(
+                        "{base}/v26.0/{}?access_token=EAAlone{name_len}",
+                        10_000 + i,
+                        name_len = name.len()
+                    ),
+                )
+                .await,
+            );
         }
         latencies.sort();
         report(name, LONE, mock.requests() - before, &latencies);
@@ -96,11 +116,16 @@ async fn main() {
     // Identical cold GETs.
     for (name, base, key) in [
         ("identical burst, direct", direct.clone(), "a"),
-        ("identical burst, graphcache, no coalescing", via(&plain), "b"),
+        (
+            "identical burst, graphcache, no coalescing",
+            via(&plain),
+            "b",
+        ),
         ("identical burst, graphcache, coalescing", via(&packed), "c"),
     ] {
         let before = mock.requests();
-        let uris = vec![format!("{base}/v26.0/act_1/insights?access_token=EAAsame{key}"); CONCURRENT];
+        let uris =
+            vec![format!("{base}/v26.0/act_1/insights?access_token=EAAsame{key}"); CONCURRENT];
         let latencies = burst(&client, uris).await;
         report(name, CONCURRENT, mock.requests() - before, &latencies);
     }
@@ -108,7 +133,11 @@ async fn main() {
     // Distinct cold GETs of one token and User-Agent.
     for (name, base, offset) in [
         ("distinct burst, direct", direct.clone(), 20_000),
-        ("distinct burst, graphcache, no packing", via(&plain), 30_000),
+        (
+            "distinct burst, graphcache, no packing",
+            via(&plain),
+            30_000,
+        ),
         ("distinct burst, graphcache, packing", via(&packed), 40_000),
     ] {
         let before = mock.requests();

@@ -288,7 +288,7 @@ impl Proxy {
     }
 
     /// Sends `request` and collects its whole answer within the timeout.
-    async fn exchange(
+    pub(crate) async fn exchange(
         &self,
         request: Request<crate::upstream::UpstreamBody>,
     ) -> Result<Answer, ProxyError> {

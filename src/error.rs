@@ -41,6 +41,8 @@ pub enum ProxyError {
     FlightLost,
     #[error("an upstream batch failed as a whole: {0}")]
     BatchFailed(String),
+    #[error("{0}")]
+    BadBatch(crate::client_batch::BatchInputError),
     #[error("the upstream answered with a content encoding the client does not accept")]
     UpstreamEncoding,
 }
@@ -49,7 +51,7 @@ impl ProxyError {
     /// The HTTP status the client sees.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) | Self::ForeignTarget | Self::ClientBody(_) => {
+            Self::BadRequest(_) | Self::ForeignTarget | Self::ClientBody(_) | Self::BadBatch(_) => {
                 StatusCode::BAD_REQUEST
             }
             Self::Connect => StatusCode::METHOD_NOT_ALLOWED,
@@ -69,7 +71,13 @@ impl ProxyError {
     /// client's mistakes, 2 (service temporarily unavailable, which SDK retry
     /// logic treats as transient) for upstream trouble.
     fn graph_code(&self) -> u32 {
-        if self.status().is_server_error() {
+        if matches!(
+            self,
+            Self::BadBatch(crate::client_batch::BatchInputError::TooMany)
+        ) {
+            // What Graph answers for more than 50 items.
+            1
+        } else if self.status().is_server_error() {
             2
         } else {
             100
@@ -93,6 +101,15 @@ impl ProxyError {
             Self::CoalesceTimeout(_) => "coalesce_timeout",
             Self::FlightLost => "flight_lost",
             Self::BatchFailed(_) => "batch_failed",
+            Self::BadBatch(_) => "bad_batch",
+        }
+    }
+
+    /// Graph's own error type where graphcache answers as Graph would.
+    fn graph_type(&self) -> &'static str {
+        match self {
+            Self::BadBatch(_) => "GraphBatchException",
+            _ => "GraphcacheException",
         }
     }
 
@@ -102,7 +119,7 @@ impl ProxyError {
         let envelope = serde_json::json!({
             "error": {
                 "message": self.to_string(),
-                "type": "GraphcacheException",
+                "type": self.graph_type(),
                 "code": self.graph_code(),
                 "is_transient": status.is_server_error(),
                 "fbtrace_id": format!("graphcache-{:016x}", rand::random::<u64>()),

@@ -52,13 +52,13 @@ pub struct Proxy {
 }
 
 /// A response plus what the cache did, for metrics and the access log.
-struct Handled {
+pub(crate) struct Handled {
     response: Response<ResponseBody>,
     outcome: Outcome,
 }
 
 impl Handled {
-    fn new(response: Response<ResponseBody>, outcome: Outcome) -> Self {
+    pub(crate) fn new(response: Response<ResponseBody>, outcome: Outcome) -> Self {
         Self { response, outcome }
     }
 }
@@ -358,32 +358,15 @@ impl Proxy {
             detail,
             outcome: Outcome::Miss,
         };
-        if status != StatusCode::OK || !storable_head(&answer.headers) {
-            if fetch.entry.is_some() && status.is_client_error() {
-                // The object is gone or no longer readable with this token.
-                self.store.remove(&fetch.key).await;
-            }
-            return not_stored(answer, None);
+        if status.is_client_error() && fetch.entry.is_some() {
+            // The object is gone or no longer readable with this token.
+            self.store.remove(&fetch.key).await;
         }
-        if answer.body.len() > self.config.max_entry_bytes {
-            return not_stored(answer, Some("too-large"));
-        }
-        if !storable_body(&answer.body) {
-            return not_stored(answer, None);
-        }
-        let mut stored_headers = answer.headers.clone();
-        strip_per_call(&mut stored_headers);
-        stored_headers.remove(header::CONTENT_LENGTH);
-        let etag = stored_headers.get(header::ETAG).cloned();
-        let entry = CachedResponse::new(
-            stored_headers,
-            answer.body.clone(),
-            etag,
-            fetch.policy,
-            fetch.objects,
-        );
-        let stored = fetch.policy.retention() > Duration::ZERO
-            && self.store.put(fetch.key, entry, fetch.ticket).await;
+        let entry = match self.storable_entry(&answer, fetch.policy, fetch.objects) {
+            Ok(entry) => entry,
+            Err(detail) => return not_stored(answer, detail),
+        };
+        let stored = self.store.put(fetch.key, entry, fetch.ticket).await;
         FetchOutcome::Answer {
             answer,
             stored,
@@ -395,6 +378,39 @@ impl Proxy {
                 Outcome::Miss
             },
         }
+    }
+
+    /// The entry to store for an upstream answer, or why it is not stored
+    /// (with an RFC 9211 detail when that is worth telling the client).
+    pub(crate) fn storable_entry(
+        &self,
+        answer: &Answer,
+        policy: CachePolicy,
+        objects: Arc<[ObjectId]>,
+    ) -> Result<CachedResponse, Option<&'static str>> {
+        if answer.status != StatusCode::OK
+            || !storable_head(&answer.headers)
+            || policy.retention().is_zero()
+        {
+            return Err(None);
+        }
+        if answer.body.len() > self.config.max_entry_bytes {
+            return Err(Some("too-large"));
+        }
+        if !storable_body(&answer.body) {
+            return Err(None);
+        }
+        let mut headers = answer.headers.clone();
+        strip_per_call(&mut headers);
+        headers.remove(header::CONTENT_LENGTH);
+        let etag = headers.get(header::ETAG).cloned();
+        Ok(CachedResponse::new(
+            headers,
+            answer.body.clone(),
+            etag,
+            policy,
+            objects,
+        ))
     }
 
     /// One waiter's response from a (possibly shared) fetch outcome.
@@ -446,6 +462,23 @@ impl Proxy {
         }
     }
 
+    /// The client batch in a POST, if it is one graphcache serves: not
+    /// multipart (files pass through untouched) and not JSONP.
+    fn as_client_batch(
+        &self,
+        parts: &Parts,
+        params: &QueryParams<'_>,
+        body: &[u8],
+    ) -> Result<Option<crate::client_batch::ClientBatch>, ProxyError> {
+        if parts.method != Method::POST || params.contains("callback") {
+            return Ok(None);
+        }
+        let content_type = parts.headers.get(header::CONTENT_TYPE);
+        let batch =
+            crate::client_batch::parse(params, content_type, body).map_err(ProxyError::BadBatch)?;
+        Ok(batch.filter(|b| !b.top_level.iter().any(|(k, _)| k == "callback")))
+    }
+
     /// A cacheable method that must not touch the cache.
     async fn bypass(
         &self,
@@ -477,7 +510,7 @@ impl Proxy {
     /// Forwards a write (or any non-cacheable method) exactly once, streaming
     /// its body, and invalidates what a successful write changed.
     async fn write(
-        &self,
+        self: &Arc<Self>,
         request: Request<Incoming>,
         params: &QueryParams<'_>,
         outcome: Outcome,
@@ -487,6 +520,9 @@ impl Proxy {
         let max_body = self.config.max_body_bytes;
         let mut body_params: Vec<(String, String)> = Vec::new();
         let upstream_body = if body.is_end_stream() {
+            if let Some(batch) = self.as_client_batch(&parts, params, b"")? {
+                return self.client_batch(&parts, params, batch, timer).await;
+            }
             empty_body()
         } else if outcome == Outcome::Write && parseable_write_body(&parts.headers) {
             match collect_up_to(body, MAX_PARSED_WRITE_BODY.min(max_body))
@@ -494,6 +530,9 @@ impl Proxy {
                 .map_err(|e| ProxyError::ClientBody(Arc::new(e)))?
             {
                 Collected::Complete(bytes) => {
+                    if let Some(batch) = self.as_client_batch(&parts, params, &bytes)? {
+                        return self.client_batch(&parts, params, batch, timer).await;
+                    }
                     body_params = write_body_params(&parts.headers, &bytes);
                     full_body(bytes)
                 }
@@ -796,7 +835,7 @@ fn write_body_params(headers: &HeaderMap, body: &[u8]) -> Vec<(String, String)> 
 }
 
 /// An RFC 9211 `Cache-Status` value for a forwarded request.
-fn cache_status(
+pub(crate) fn cache_status(
     fwd: &str,
     fwd_status: Option<u16>,
     stored: bool,
@@ -848,7 +887,7 @@ where
 }
 
 /// A copy of an entry's data for storing while the original is served.
-fn clone_entry(entry: &CachedResponse) -> CachedResponse {
+pub(crate) fn clone_entry(entry: &CachedResponse) -> CachedResponse {
     let mut copy = CachedResponse::new(
         entry.headers.clone(),
         entry.body.clone(),

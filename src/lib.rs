@@ -10,6 +10,7 @@
 //! - [`coalesce`]: identical concurrent reads share one upstream call;
 //! - [`dispatch`]: reads go upstream alone, or packed into Graph batches;
 //! - [`batch`]: the Graph batch wire format;
+//! - [`client_batch`]: client batches answered item by item from the cache;
 //! - [`upstream`]: the pooled rustls client for the one configured upstream;
 //! - [`headers`], [`body`], [`redact`]: small pure helpers;
 //! - [`error`]: errors graphcache makes, rendered as Graph error envelopes;
@@ -20,6 +21,7 @@ pub mod admin;
 pub mod batch;
 pub mod body;
 pub mod cache;
+pub mod client_batch;
 pub mod coalesce;
 pub mod config;
 pub mod dispatch;

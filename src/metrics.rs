@@ -22,6 +22,17 @@ pub const BATCH_FALLBACKS: &str = "graphcache_batch_fallbacks_total";
 pub const BATCH_QUEUED: &str = "graphcache_batch_queued_requests";
 pub const COALESCED: &str = "graphcache_coalesced_requests_total";
 pub const COALESCE_WAITING: &str = "graphcache_coalesce_waiting_requests";
+pub const CLIENT_BATCH_ITEMS: &str = "graphcache_client_batch_items_total";
+
+/// Items of client batches by what graphcache did with them.
+pub struct ClientBatchMetrics {
+    /// Answered from a fresh entry, not sent upstream.
+    pub hit: IntCounter,
+    /// Sent upstream with graphcache's validator and answered 304.
+    pub revalidated: IntCounter,
+    /// Sent upstream.
+    pub forwarded: IntCounter,
+}
 
 /// Packing of reads into Graph batches.
 pub struct PackingMetrics {
@@ -66,10 +77,12 @@ pub enum Outcome {
     Pass,
     /// Answered by graphcache with an error envelope.
     Error,
+    /// A client batch (its items are counted separately).
+    Batch,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Hit,
         Outcome::Revalidated,
         Outcome::Refreshed,
@@ -79,6 +92,7 @@ impl Outcome {
         Outcome::Write,
         Outcome::Pass,
         Outcome::Error,
+        Outcome::Batch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,6 +106,7 @@ impl Outcome {
             Outcome::Write => "write",
             Outcome::Pass => "pass",
             Outcome::Error => "error",
+            Outcome::Batch => "batch",
         }
     }
 }
@@ -109,6 +124,7 @@ pub struct Metrics {
     invalidations: IntCounter,
     pub packing: PackingMetrics,
     pub coalesce: CoalesceMetrics,
+    pub client_batch_items: ClientBatchMetrics,
 }
 
 impl Metrics {
@@ -199,8 +215,22 @@ impl Metrics {
             )
             .expect("valid metric"),
         };
+        let items = IntCounterVec::new(
+            Opts::new(
+                CLIENT_BATCH_ITEMS,
+                "Items of client batches by what graphcache did (hit, revalidated, forwarded).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let client_batch_items = ClientBatchMetrics {
+            hit: items.with_label_values(&["hit"]),
+            revalidated: items.with_label_values(&["revalidated"]),
+            forwarded: items.with_label_values(&["forwarded"]),
+        };
         for c in [
-            Box::new(calls) as Box<dyn prometheus::core::Collector>,
+            Box::new(items) as Box<dyn prometheus::core::Collector>,
+            Box::new(calls),
             Box::new(packing.batch_items.clone()),
             Box::new(packing.null_retried.clone()),
             Box::new(packing.fallbacks.clone()),
@@ -228,6 +258,7 @@ impl Metrics {
             invalidations,
             packing,
             coalesce,
+            client_batch_items,
         }
     }
 

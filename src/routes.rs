@@ -67,6 +67,15 @@ pub struct RoutePolicies {
 impl RoutePolicies {
     /// The policy for `path` (as sent, version prefix included).
     pub fn policy_for(&self, path: &str) -> CachePolicy {
+        let mut policy = self.configured_policy(path);
+        if is_async_status_read(path) {
+            // Async request sets change until they complete: always revalidate.
+            policy.fresh_ttl = Duration::ZERO;
+        }
+        policy
+    }
+
+    fn configured_policy(&self, path: &str) -> CachePolicy {
         if self.rules.is_empty() {
             return self.default;
         }
@@ -80,6 +89,21 @@ impl RoutePolicies {
             None => self.default,
         }
     }
+}
+
+/// Edges listing Marketing API async requests and request sets (contract
+/// §7), whose state changes as Graph works through them.
+const ASYNC_STATUS_EDGES: [&str; 4] = [
+    "asyncadrequestsets",
+    "asyncadrequests",
+    "async_requests",
+    "requests",
+];
+
+fn is_async_status_read(path: &str) -> bool {
+    split_path(strip_version(path))
+        .nth(1)
+        .is_some_and(|edge| ASYNC_STATUS_EDGES.contains(&edge))
 }
 
 /// True for a Graph version segment such as `v26.0` or `v3`.
@@ -226,6 +250,28 @@ mod tests {
         assert!(!p.policy_for("/me").cache);
         assert_eq!(p.policy_for("/v26.0/123"), p.default);
         assert_eq!(p.policy_for("/v26.0/9/campaigns"), p.default);
+    }
+
+    #[test]
+    fn async_request_set_reads_always_revalidate() {
+        let mut p = policies();
+        p.default.fresh_ttl = Duration::from_secs(60);
+        assert_eq!(
+            p.policy_for("/v26.0/act_1/asyncadrequestsets").fresh_ttl,
+            Duration::ZERO
+        );
+        assert_eq!(
+            p.policy_for("/v26.0/6000/requests").fresh_ttl,
+            Duration::ZERO
+        );
+        assert_eq!(
+            p.policy_for("/v26.0/act_1/async_requests").fresh_ttl,
+            Duration::ZERO
+        );
+        assert_eq!(
+            p.policy_for("/v26.0/act_1/ads").fresh_ttl,
+            Duration::from_secs(60)
+        );
     }
 
     #[test]

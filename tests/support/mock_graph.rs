@@ -390,9 +390,16 @@ fn run_batch(
         );
     }
     let mut replies = Vec::new();
+    let mut named: HashMap<String, Value> = HashMap::new();
+    let mut referenced: Vec<String> = Vec::new();
     for item in &items {
         state.counters.batch_items.fetch_add(1, Ordering::SeqCst);
-        let relative_url = item["relative_url"].as_str().unwrap_or("");
+        if let Some(parent) = item["depends_on"].as_str() {
+            referenced.push(parent.to_owned());
+        }
+        let raw_url = item["relative_url"].as_str().unwrap_or("");
+        let resolved_url = resolve_references(raw_url, &named, &mut referenced);
+        let relative_url = resolved_url.as_str();
         {
             let mut nulls = state.null_once.lock().unwrap();
             if let Some(i) = nulls.iter().position(|p| relative_url.contains(p.as_str())) {
@@ -461,7 +468,9 @@ fn run_batch(
         } else if method == "GET" {
             read(state, &headers, &segments, &params, &token)
         } else {
-            let body = item["body"].as_str().unwrap_or("").as_bytes().to_vec();
+            let body =
+                resolve_references(item["body"].as_str().unwrap_or(""), &named, &mut referenced);
+            let body = body.into_bytes();
             state.counters.writes.fetch_add(1, Ordering::SeqCst);
             let mut all = params.clone();
             all.extend(form_urlencoded::parse(&body).into_owned());
@@ -479,12 +488,76 @@ fn run_batch(
         } else {
             Value::String(String::from_utf8_lossy(&body).into_owned())
         };
+        if let (Some(name), Value::String(text)) = (item["name"].as_str(), &body) {
+            named.insert(
+                name.to_owned(),
+                serde_json::from_str(text).unwrap_or(Value::Null),
+            );
+        }
         replies.push(json!({"code": head.status.as_u16(), "headers": header_list, "body": body}));
+    }
+    // A successful item another item depended on comes back null unless it
+    // asked otherwise (omit_response_on_success defaults to true).
+    for (item, reply) in items.iter().zip(replies.iter_mut()) {
+        let is_parent = item["name"]
+            .as_str()
+            .is_some_and(|n| referenced.iter().any(|r| r == n));
+        let keep = item["omit_response_on_success"].as_bool() == Some(false);
+        if is_parent && !keep && reply["code"].as_u64().is_some_and(|c| c < 300) {
+            *reply = Value::Null;
+        }
     }
     let mut response = Response::new(Full::new(Bytes::from(Value::Array(replies).to_string())));
     graph_headers(response.headers_mut());
     add_usage(response.headers_mut(), state);
     response
+}
+
+/// Substitutes `{result=name:$.path}` with values from earlier named items'
+/// bodies (a small JSONPath: `.key` steps and `*` over arrays, joined by ',').
+fn resolve_references(
+    text: &str,
+    named: &HashMap<String, Value>,
+    referenced: &mut Vec<String>,
+) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("{result=") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 8..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let (name, path) = after[..end].split_once(':').unwrap_or((&after[..end], "$"));
+        referenced.push(name.to_owned());
+        let mut values = vec![named.get(name).cloned().unwrap_or(Value::Null)];
+        for step in path
+            .trim_start_matches('$')
+            .split('.')
+            .filter(|s| !s.is_empty())
+        {
+            values = values
+                .into_iter()
+                .flat_map(|v| match step {
+                    "*" => v.as_array().cloned().unwrap_or_default(),
+                    key => vec![v.get(key).cloned().unwrap_or(Value::Null)],
+                })
+                .collect();
+        }
+        let joined: Vec<String> = values
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .collect();
+        out.push_str(&joined.join(","));
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The bytes of a `Full` body built by this mock.
