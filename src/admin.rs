@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 /// What the admin endpoints read.
 pub struct Admin {
     pub metrics: Arc<Metrics>,
+    pub limits: Arc<crate::ratelimit::RateLimits>,
     pub store: Store,
     /// True while the proxy listener accepts; false once draining starts.
     pub ready: Arc<AtomicBool>,
@@ -32,7 +33,10 @@ impl Admin {
         }
         Ok(match request.uri().path() {
             "/metrics" => {
-                let body = self.metrics.render(&self.store).await;
+                let body = self
+                    .metrics
+                    .render(&self.store, self.limits.throttled_scopes())
+                    .await;
                 let mut response = Response::new(ResponseBody::full(Bytes::from(body)));
                 response.headers_mut().insert(
                     CONTENT_TYPE,

@@ -448,6 +448,7 @@ impl Proxy {
             if let Some(entry) = &entry {
                 if !control.no_cache && entry.freshness(now) == Freshness::Fresh {
                     self.metrics.client_batch_items.hit.inc();
+                    self.metrics.usage.avoided.fresh_hit.inc();
                     plans.push(Plan::Local(local_entry(item, entry, batch.include_headers)));
                     continue;
                 }
@@ -483,6 +484,13 @@ impl Proxy {
             .forwarded
             .inc_by(forwarded.len() as u64);
         let answer = self.forward_batch(parts, &batch, &forwarded, timer).await?;
+        self.limits.observe_answer(
+            answer.status,
+            &answer.headers,
+            &answer.body,
+            &[],
+            &self.metrics,
+        );
         if answer.status != StatusCode::OK {
             // The batch failed as a whole upstream: relay Graph's answer.
             let status = cache_status("method", Some(answer.status.as_u16()), false, None);
@@ -501,7 +509,7 @@ impl Proxy {
                     let reply = upstream
                         .next()
                         .expect("one upstream entry per forwarded item");
-                    self.settle_item(plan, item, reply, ticket, batch.include_headers)
+                    self.settle_item(plan, item, outer_path, reply, ticket, batch.include_headers)
                         .await
                 }
             };
@@ -577,6 +585,7 @@ impl Proxy {
         &self,
         plan: Plan,
         item: &Item,
+        outer_path: &str,
         reply: Option<ItemReply>,
         ticket: ReadTicket,
         include_headers: bool,
@@ -585,6 +594,10 @@ impl Proxy {
         let Some(reply) = reply else {
             return Value::Null;
         };
+        let objects = item.objects(outer_path);
+        let body = reply.body.as_deref().unwrap_or_default();
+        self.limits
+            .observe_answer(reply.status, &reply.headers, body, &objects, &self.metrics);
         let as_is = |r: &ItemReply| {
             reply_entry(
                 r.status.as_u16(),

@@ -14,6 +14,7 @@ use http::Uri;
 use serde::Deserialize;
 
 use crate::dispatch::PackingSettings;
+use crate::ratelimit::ThrottleSettings;
 use crate::routes::{CachePolicy, RoutePolicies, RouteRule};
 
 /// Command line. The flag names are a contract with users: keep them.
@@ -94,6 +95,13 @@ pub struct RawConfig {
     batch_max_in_flight: Option<u64>,
     batch_max_items: Option<u64>,
     batch_window_ms: Option<u64>,
+    throttle_backoff: Option<u64>,
+    pressure_threshold: Option<f64>,
+    throttle_answer_locally: Option<bool>,
+    quota_aware_ttl: Option<bool>,
+    quota_ttl_from: Option<f64>,
+    quota_ttl_max: Option<u64>,
+    usage_label_limit: Option<u64>,
     #[serde(default)]
     route: Vec<RawRoute>,
 }
@@ -138,6 +146,7 @@ pub struct Config {
     pub log_level: String,
     pub coalesce: CoalesceSettings,
     pub packing: PackingSettings,
+    pub throttle: ThrottleSettings,
 }
 
 /// Sharing of identical concurrent reads.
@@ -149,7 +158,7 @@ pub struct CoalesceSettings {
 }
 
 /// Every top-level key, for environment lookup and messages.
-pub const KEYS: [&str; 24] = [
+pub const KEYS: [&str; 31] = [
     "listen",
     "admin_listen",
     "upstream",
@@ -173,6 +182,13 @@ pub const KEYS: [&str; 24] = [
     "batch_max_in_flight",
     "batch_max_items",
     "batch_window_ms",
+    "throttle_backoff",
+    "pressure_threshold",
+    "throttle_answer_locally",
+    "quota_aware_ttl",
+    "quota_ttl_from",
+    "quota_ttl_max",
+    "usage_label_limit",
     "route",
 ];
 
@@ -363,7 +379,33 @@ impl RawConfig {
             )));
         }
         let upstream_timeout = positive("upstream_timeout", self.upstream_timeout, 60)?;
+        let ratio = |key: &str, v: Option<f64>, default: f64| -> Result<f64, ConfigError> {
+            let v = v.unwrap_or(default);
+            if (0.0..=1.0).contains(&v) && v > 0.0 {
+                Ok(v)
+            } else {
+                Err(ConfigError::Invalid(format!(
+                    "{key} = {v} is not allowed; expected a usage ratio above 0 and at most 1, such as 0.95"
+                )))
+            }
+        };
+        let throttle = ThrottleSettings {
+            backoff: Duration::from_secs(positive("throttle_backoff", self.throttle_backoff, 60)?),
+            pressure_threshold: ratio("pressure_threshold", self.pressure_threshold, 0.95)?,
+            answer_locally: self.throttle_answer_locally.unwrap_or(false),
+            quota_ttl_from: if self.quota_aware_ttl.unwrap_or(false) {
+                Some(ratio("quota_ttl_from", self.quota_ttl_from, 0.75)?)
+            } else {
+                None
+            },
+            quota_ttl_max: Duration::from_secs(positive("quota_ttl_max", self.quota_ttl_max, 300)?),
+            label_limit: usize_of(
+                "usage_label_limit",
+                positive("usage_label_limit", self.usage_label_limit, 100)?,
+            )?,
+        };
         Ok(Config {
+            throttle,
             coalesce: CoalesceSettings {
                 enabled: self.coalesce.unwrap_or(true),
                 wait: Duration::from_secs(positive(

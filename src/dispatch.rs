@@ -44,6 +44,8 @@ pub struct UpstreamGet {
     pub relative_url: String,
     pub access_token: Option<String>,
     pub appsecret_proof: Option<String>,
+    /// The objects the read concerns, for the usage headers of its answer.
+    pub objects: std::sync::Arc<[crate::routes::ObjectId]>,
 }
 
 /// A complete upstream answer to one GET (plain or batch item).
@@ -215,7 +217,15 @@ impl Proxy {
         *request.uri_mut() = self.upstream.uri_for(Some(&get.path_and_query));
         *request.headers_mut() = get.headers;
         self.metrics.packing.single_calls.inc();
-        self.exchange(request).await
+        let answer = self.exchange(request).await?;
+        self.limits.observe_answer(
+            answer.status,
+            &answer.headers,
+            &answer.body,
+            &get.objects,
+            &self.metrics,
+        );
+        Ok(answer)
     }
 
     /// One upstream batch for `items`; per item its answer, or None if the
@@ -264,6 +274,13 @@ impl Proxy {
         self.metrics.packing.batch_calls.inc();
         self.metrics.packing.batch_items.observe(items.len() as f64);
         let answer = self.exchange(request).await?;
+        self.limits.observe_answer(
+            answer.status,
+            &answer.headers,
+            &answer.body,
+            &[],
+            &self.metrics,
+        );
         if answer.status != StatusCode::OK {
             return Err(ProxyError::BatchFailed(format!(
                 "the batch was answered {}",
@@ -274,6 +291,18 @@ impl Proxy {
             .map_err(|e| ProxyError::BatchFailed(e.to_string()))?;
         // The batch's round trip is every item's upstream time.
         let upstream_us = answer.upstream_us;
+        for (reply, queued) in replies.iter().zip(items) {
+            if let Some(r) = reply {
+                let body = r.body.as_deref().unwrap_or_default();
+                self.limits.observe_answer(
+                    r.status,
+                    &r.headers,
+                    body,
+                    &queued.get.objects,
+                    &self.metrics,
+                );
+            }
+        }
         Ok(replies
             .into_iter()
             .map(|reply| {

@@ -43,6 +43,11 @@ pub enum ProxyError {
     BatchFailed(String),
     #[error("{0}")]
     BadBatch(crate::client_batch::BatchInputError),
+    #[error("(#{code}) Graph is throttling this app or account; graphcache answers for it until access returns in {} s", remaining.as_secs())]
+    Throttled {
+        code: i64,
+        remaining: std::time::Duration,
+    },
     #[error("the upstream answered with a content encoding the client does not accept")]
     UpstreamEncoding,
 }
@@ -51,9 +56,11 @@ impl ProxyError {
     /// The HTTP status the client sees.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) | Self::ForeignTarget | Self::ClientBody(_) | Self::BadBatch(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::BadRequest(_)
+            | Self::ForeignTarget
+            | Self::ClientBody(_)
+            | Self::BadBatch(_)
+            | Self::Throttled { .. } => StatusCode::BAD_REQUEST,
             Self::Connect => StatusCode::METHOD_NOT_ALLOWED,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -70,8 +77,10 @@ impl ProxyError {
     /// Graph's error code for the envelope: 100 (invalid parameter) for the
     /// client's mistakes, 2 (service temporarily unavailable, which SDK retry
     /// logic treats as transient) for upstream trouble.
-    fn graph_code(&self) -> u32 {
-        if matches!(
+    fn graph_code(&self) -> i64 {
+        if let Self::Throttled { code, .. } = self {
+            *code
+        } else if matches!(
             self,
             Self::BadBatch(crate::client_batch::BatchInputError::TooMany)
         ) {
@@ -102,6 +111,7 @@ impl ProxyError {
             Self::FlightLost => "flight_lost",
             Self::BatchFailed(_) => "batch_failed",
             Self::BadBatch(_) => "bad_batch",
+            Self::Throttled { .. } => "throttled",
         }
     }
 
@@ -109,6 +119,8 @@ impl ProxyError {
     fn graph_type(&self) -> &'static str {
         match self {
             Self::BadBatch(_) => "GraphBatchException",
+            // What Graph uses for its own throttling answers.
+            Self::Throttled { .. } => "OAuthException",
             _ => "GraphcacheException",
         }
     }
@@ -121,7 +133,7 @@ impl ProxyError {
                 "message": self.to_string(),
                 "type": self.graph_type(),
                 "code": self.graph_code(),
-                "is_transient": status.is_server_error(),
+                "is_transient": status.is_server_error() || matches!(self, Self::Throttled { .. }),
                 "fbtrace_id": format!("graphcache-{:016x}", rand::random::<u64>()),
             }
         });
@@ -134,6 +146,12 @@ impl ProxyError {
         );
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         headers.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.kind()));
+        if let Self::Throttled { remaining, .. } = self {
+            headers.insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(remaining.as_secs().max(1)),
+            );
+        }
         response
     }
 }

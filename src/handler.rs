@@ -42,6 +42,7 @@ const HIT: HeaderValue = HeaderValue::from_static("graphcache; hit");
 
 /// Everything the request path needs, shared by all connections.
 pub struct Proxy {
+    pub(crate) limits: Arc<crate::ratelimit::RateLimits>,
     pub(crate) flights: Flights<(CacheKey, Option<HeaderValue>), Arc<FetchOutcome>>,
     pub(crate) groups: Groups,
     pub config: Arc<Config>,
@@ -183,8 +184,15 @@ impl Proxy {
         let now = Instant::now();
         if let Some(entry) = &entry {
             if !control.no_cache && entry.freshness(now) == Freshness::Fresh {
+                self.metrics.usage.avoided.fresh_hit.inc();
                 return Ok(serve_entry(&parts, entry, now, HIT, Outcome::Hit));
             }
+        }
+        let objects: Arc<[ObjectId]> = objects_of(path, params.iter()).into();
+        if let Some(handled) =
+            self.protect_quota(&parts, entry.as_deref(), &objects, control.no_cache, now)?
+        {
+            return Ok(handled);
         }
         let validator = entry.as_ref().and_then(|e| e.etag.clone());
         let get = self.upstream_get(
@@ -193,11 +201,12 @@ impl Proxy {
             identity,
             validator.as_ref(),
             entry.is_some(),
+            objects.clone(),
         );
         let fetch = Fetch {
             key,
             policy,
-            objects: objects_of(path, params.iter()).into(),
+            objects,
             ticket: self.store.read_ticket(),
             fwd: match (&entry, control.no_cache) {
                 (None, _) => "uri-miss",
@@ -212,6 +221,75 @@ impl Proxy {
         self.respond(&parts, &outcome)
     }
 
+    /// Throttle protection for a read that would go upstream: while its
+    /// scope is throttled or its quota nearly spent, a stored entry within
+    /// max stale is served instead (and, with quota-aware freshness, an entry
+    /// within its stretched TTL); while throttled, a read with no entry may
+    /// be answered locally with Graph's throttling envelope.
+    fn protect_quota(
+        &self,
+        parts: &Parts,
+        entry: Option<&CachedResponse>,
+        objects: &[ObjectId],
+        revalidation_asked: bool,
+        now: Instant,
+    ) -> Result<Option<Handled>, ProxyError> {
+        let verdict = self.limits.verdict(objects);
+        if verdict.throttled.is_none() && verdict.usage == 0.0 {
+            return Ok(None);
+        }
+        let avoided = &self.metrics.usage.avoided;
+        match entry.filter(|e| e.freshness(now) != Freshness::Expired) {
+            Some(entry) if verdict.throttled.is_some() => {
+                avoided.throttled.inc();
+                let status = HeaderValue::from_static("graphcache; hit; detail=throttled");
+                Ok(Some(serve_entry(
+                    parts,
+                    entry,
+                    now,
+                    status,
+                    Outcome::Throttled,
+                )))
+            }
+            Some(entry) if verdict.usage >= self.limits.settings.pressure_threshold => {
+                avoided.pressure.inc();
+                let status = HeaderValue::from_static("graphcache; hit; detail=quota-pressure");
+                Ok(Some(serve_entry(
+                    parts,
+                    entry,
+                    now,
+                    status,
+                    Outcome::Pressure,
+                )))
+            }
+            Some(entry)
+                if !revalidation_asked
+                    && entry.age(now)
+                        < self
+                            .limits
+                            .stretched_ttl(entry.policy.fresh_ttl, verdict.usage) =>
+            {
+                avoided.pressure.inc();
+                let status = HeaderValue::from_static("graphcache; hit; detail=quota-ttl");
+                Ok(Some(serve_entry(
+                    parts,
+                    entry,
+                    now,
+                    status,
+                    Outcome::Pressure,
+                )))
+            }
+            None => match verdict.throttled {
+                Some((remaining, code)) if self.limits.settings.answer_locally => {
+                    avoided.throttled.inc();
+                    Err(ProxyError::Throttled { code, remaining })
+                }
+                _ => Ok(None),
+            },
+            Some(_) => Ok(None),
+        }
+    }
+
     /// The upstream GET for a cacheable read: a revalidation with the stored
     /// ETag when there is one, the client's own conditional when there is no
     /// entry, an unconditional fetch otherwise.
@@ -222,6 +300,7 @@ impl Proxy {
         identity: crate::key::TokenIdentity,
         validator: Option<&HeaderValue>,
         has_entry: bool,
+        objects: Arc<[ObjectId]>,
     ) -> UpstreamGet {
         let mut headers = parts.headers.clone();
         strip_hop_by_hop(&mut headers);
@@ -261,6 +340,7 @@ impl Proxy {
             access_token: params.get("access_token").map(str::to_owned),
             appsecret_proof: params.get("appsecret_proof").map(str::to_owned),
             headers,
+            objects,
         }
     }
 
@@ -291,6 +371,7 @@ impl Proxy {
         let metrics = &self.metrics.coalesce;
         if ticket.joined {
             metrics.joined.inc();
+            self.metrics.usage.avoided.shared_call.inc();
         }
         // A guard, so a request dropped on client disconnect still counts down.
         let _waiting = GaugeGuard::new(&metrics.waiting);
@@ -462,6 +543,46 @@ impl Proxy {
         }
     }
 
+    /// Reads the usage headers of a relayed answer and, for an error, its
+    /// body (up to 64 KiB, then relayed as read) for a throttling code.
+    async fn observe_relayed(
+        &self,
+        response: Response<Incoming>,
+        objects: &[ObjectId],
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        const ERROR_PEEK: usize = 64 << 10;
+        let (head, body) = response.into_parts();
+        if head.status.is_success() || head.status.is_redirection() {
+            self.limits.observe(&head.headers, objects, &self.metrics);
+            return Ok(Response::from_parts(head, body.into()));
+        }
+        let collected =
+            tokio::time::timeout(self.upstream.timeout, collect_up_to(body, ERROR_PEEK))
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout(self.upstream.timeout))?
+                .map_err(|e| ProxyError::UpstreamBody(Arc::new(e)))?;
+        let body = match collected {
+            Collected::Complete(bytes) => {
+                self.limits.observe_answer(
+                    head.status,
+                    &head.headers,
+                    &bytes,
+                    objects,
+                    &self.metrics,
+                );
+                ResponseBody::full(bytes)
+            }
+            Collected::Overflow { prefix, rest } => {
+                self.limits.observe(&head.headers, objects, &self.metrics);
+                ResponseBody::Relay {
+                    prefix: Some(prefix),
+                    rest,
+                }
+            }
+        };
+        Ok(Response::from_parts(head, body))
+    }
+
     /// The client batch in a POST, if it is one graphcache serves: not
     /// multipart (files pass through untouched) and not JSONP.
     fn as_client_batch(
@@ -500,6 +621,11 @@ impl Proxy {
         *request.uri_mut() = self.upstream.uri_for(parts.uri.path_and_query());
         *request.headers_mut() = headers;
         let response = self.upstream.send(request, &self.metrics, timer).await?;
+        let objects = objects_of(
+            parts.uri.path(),
+            QueryParams::parse(parts.uri.query()).iter(),
+        );
+        let response = self.observe_relayed(response, &objects).await?;
         let status = cache_status("bypass", Some(response.status().as_u16()), false, None);
         check_encoding(&parts.headers, response.headers())?;
         Ok(relay(&parts, response, status, Outcome::Bypass))
@@ -555,13 +681,14 @@ impl Proxy {
         *request.uri_mut() = self.upstream.uri_for(parts.uri.path_and_query());
         *request.headers_mut() = headers;
         let response = self.upstream.send(request, &self.metrics, timer).await?;
+        let objects = objects_of(
+            parts.uri.path(),
+            params
+                .iter()
+                .chain(body_params.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        );
+        let response = self.observe_relayed(response, &objects).await?;
         if outcome == Outcome::Write && response.status().is_success() {
-            let objects = objects_of(
-                parts.uri.path(),
-                params
-                    .iter()
-                    .chain(body_params.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
-            );
             let dropped = self.store.invalidate_objects(&objects).await;
             self.metrics.count_invalidated(dropped);
         }

@@ -14,6 +14,7 @@
 //! - [`upstream`]: the pooled rustls client for the one configured upstream;
 //! - [`headers`], [`body`], [`redact`]: small pure helpers;
 //! - [`error`]: errors graphcache makes, rendered as Graph error envelopes;
+//! - [`usage`], [`ratelimit`]: Graph's usage headers and throttle protection;
 //! - [`metrics`], [`admin`]: Prometheus metrics and the admin listener;
 //! - [`config`]: flags, environment, TOML file, validation.
 
@@ -30,10 +31,12 @@ pub mod handler;
 pub mod headers;
 pub mod key;
 pub mod metrics;
+pub mod ratelimit;
 pub mod redact;
 pub mod routes;
 pub mod server;
 pub mod upstream;
+pub mod usage;
 
 pub use config::{Cli, Config};
 pub use server::Graphcache;

@@ -2,8 +2,8 @@
 //! rules depend on the exact strings. No label ever carries a token.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::cache::Store;
@@ -23,6 +23,110 @@ pub const BATCH_QUEUED: &str = "graphcache_batch_queued_requests";
 pub const COALESCED: &str = "graphcache_coalesced_requests_total";
 pub const COALESCE_WAITING: &str = "graphcache_coalesce_waiting_requests";
 pub const CLIENT_BATCH_ITEMS: &str = "graphcache_client_batch_items_total";
+pub const APP_USAGE: &str = "graphcache_graph_app_usage_ratio";
+pub const AD_ACCOUNT_USAGE: &str = "graphcache_graph_ad_account_usage_ratio";
+pub const AD_ACCOUNT_RESET: &str = "graphcache_graph_ad_account_reset_seconds";
+pub const BUSINESS_USAGE: &str = "graphcache_graph_business_usage_ratio";
+pub const BUSINESS_REGAIN: &str = "graphcache_graph_business_regain_access_seconds";
+pub const INSIGHTS_THROTTLE: &str = "graphcache_graph_insights_throttle_ratio";
+pub const USAGE_LAST_SEEN: &str = "graphcache_graph_usage_last_seen_timestamp_seconds";
+pub const USAGE_PARSE_ERRORS: &str = "graphcache_graph_usage_parse_errors_total";
+pub const USAGE_LABELS_FOLDED: &str = "graphcache_graph_usage_labels_folded_total";
+pub const THROTTLE_RESPONSES: &str = "graphcache_graph_throttle_responses_total";
+pub const THROTTLED_SCOPES: &str = "graphcache_throttled_scopes";
+pub const CALLS_AVOIDED: &str = "graphcache_upstream_calls_avoided_total";
+
+/// Graph's usage headers and throttling, as graphcache saw them.
+pub struct UsageMetrics {
+    pub app_usage: GaugeVec,
+    pub ad_account_usage: GaugeVec,
+    pub ad_account_reset: GaugeVec,
+    pub business_usage: GaugeVec,
+    pub business_regain: GaugeVec,
+    pub insights_throttle: GaugeVec,
+    pub last_seen: GaugeVec,
+    pub parse_errors: IntCounterVec,
+    pub labels_folded: IntCounter,
+    pub throttle_responses: IntCounterVec,
+    pub throttled_scopes: IntGauge,
+    pub avoided: AvoidedCalls,
+    avoided_by_reason: IntCounterVec,
+}
+
+/// Upstream calls graphcache did not make, by reason.
+pub struct AvoidedCalls {
+    pub fresh_hit: IntCounter,
+    pub shared_call: IntCounter,
+    pub throttled: IntCounter,
+    pub pressure: IntCounter,
+}
+
+impl UsageMetrics {
+    fn new() -> Self {
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            GaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let avoided = IntCounterVec::new(
+            Opts::new(
+                CALLS_AVOIDED,
+                "Upstream calls not made, by reason (fresh_hit, shared_call, throttled, pressure).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        Self {
+            app_usage: gauge(APP_USAGE, "X-App-Usage: share of the app's hourly budget used.", &["metric"]),
+            ad_account_usage: gauge(AD_ACCOUNT_USAGE, "X-Ad-Account-Usage: share of the ad account's budget used.", &["account"]),
+            ad_account_reset: gauge(AD_ACCOUNT_RESET, "X-Ad-Account-Usage: seconds until the ad account's score resets.", &["account"]),
+            business_usage: gauge(
+                BUSINESS_USAGE,
+                "X-Business-Use-Case-Usage: share of the hourly budget used, by business id, use case and metric.",
+                &["business_id", "type", "metric"],
+            ),
+            business_regain: gauge(
+                BUSINESS_REGAIN,
+                "X-Business-Use-Case-Usage: seconds until access is regained (0 when not blocked).",
+                &["business_id", "type"],
+            ),
+            insights_throttle: gauge(INSIGHTS_THROTTLE, "X-FB-Ads-Insights-Throttle: utilisation, by scope (app, account).", &["scope"]),
+            last_seen: gauge(USAGE_LAST_SEEN, "When each usage header was last seen (Unix time).", &["header"]),
+            parse_errors: IntCounterVec::new(Opts::new(USAGE_PARSE_ERRORS, "Usage headers that could not be read."), &["header"])
+                .expect("valid metric"),
+            labels_folded: IntCounter::new(USAGE_LABELS_FOLDED, "Usage samples whose id label was folded into `other`.")
+                .expect("valid metric"),
+            throttle_responses: IntCounterVec::new(
+                Opts::new(THROTTLE_RESPONSES, "Throttling answers from Graph, by error code."),
+                &["code"],
+            )
+            .expect("valid metric"),
+            throttled_scopes: IntGauge::new(THROTTLED_SCOPES, "Scopes (app or business objects) throttled now.").expect("valid metric"),
+            avoided: AvoidedCalls {
+                fresh_hit: avoided.with_label_values(&["fresh_hit"]),
+                shared_call: avoided.with_label_values(&["shared_call"]),
+                throttled: avoided.with_label_values(&["throttled"]),
+                pressure: avoided.with_label_values(&["pressure"]),
+            },
+            avoided_by_reason: avoided,
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.app_usage.clone()),
+            Box::new(self.ad_account_usage.clone()),
+            Box::new(self.ad_account_reset.clone()),
+            Box::new(self.business_usage.clone()),
+            Box::new(self.business_regain.clone()),
+            Box::new(self.insights_throttle.clone()),
+            Box::new(self.last_seen.clone()),
+            Box::new(self.parse_errors.clone()),
+            Box::new(self.labels_folded.clone()),
+            Box::new(self.throttle_responses.clone()),
+            Box::new(self.throttled_scopes.clone()),
+            Box::new(self.avoided_by_reason.clone()),
+        ]
+    }
+}
 
 /// Items of client batches by what graphcache did with them.
 pub struct ClientBatchMetrics {
@@ -79,10 +183,14 @@ pub enum Outcome {
     Error,
     /// A client batch (its items are counted separately).
     Batch,
+    /// Served from a stored entry because Graph is throttling its scope.
+    Throttled,
+    /// Served from a stored entry because its scope's quota is nearly spent.
+    Pressure,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Hit,
         Outcome::Revalidated,
         Outcome::Refreshed,
@@ -93,6 +201,8 @@ impl Outcome {
         Outcome::Pass,
         Outcome::Error,
         Outcome::Batch,
+        Outcome::Throttled,
+        Outcome::Pressure,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -107,6 +217,8 @@ impl Outcome {
             Outcome::Pass => "pass",
             Outcome::Error => "error",
             Outcome::Batch => "batch",
+            Outcome::Throttled => "throttled",
+            Outcome::Pressure => "pressure",
         }
     }
 }
@@ -125,6 +237,7 @@ pub struct Metrics {
     pub packing: PackingMetrics,
     pub coalesce: CoalesceMetrics,
     pub client_batch_items: ClientBatchMetrics,
+    pub usage: UsageMetrics,
 }
 
 impl Metrics {
@@ -228,6 +341,10 @@ impl Metrics {
             revalidated: items.with_label_values(&["revalidated"]),
             forwarded: items.with_label_values(&["forwarded"]),
         };
+        let usage = UsageMetrics::new();
+        for c in usage.collectors() {
+            registry.register(c).expect("metric names are unique");
+        }
         for c in [
             Box::new(items) as Box<dyn prometheus::core::Collector>,
             Box::new(calls),
@@ -259,6 +376,7 @@ impl Metrics {
             packing,
             coalesce,
             client_batch_items,
+            usage,
         }
     }
 
@@ -296,8 +414,9 @@ impl Metrics {
         self.invalidations.inc_by(entries as u64);
     }
 
-    /// The Prometheus text exposition, with cache gauges read now.
-    pub async fn render(&self, store: &Store) -> String {
+    /// The Prometheus text exposition, with cache and throttle gauges read now.
+    pub async fn render(&self, store: &Store, throttled_scopes: usize) -> String {
+        self.usage.throttled_scopes.set(throttled_scopes as i64);
         store.sync().await;
         self.cache_entries.set(store.entry_count() as i64);
         self.cache_bytes.set(store.weighted_size() as i64);

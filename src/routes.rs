@@ -163,6 +163,11 @@ fn wildcard_match(pattern: &[u8], text: &[u8]) -> bool {
 pub struct ObjectId(Box<str>);
 
 impl ObjectId {
+    /// An object id from a path segment or parameter value (`act_` dropped).
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::new(raw)
+    }
+
     fn new(raw: &str) -> Option<Self> {
         let raw = raw.trim();
         let bare = raw.strip_prefix("act_").unwrap_or(raw);

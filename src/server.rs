@@ -47,7 +47,9 @@ impl Graphcache {
         );
         let upstream = Upstream::new(&config);
         let ready = Arc::new(AtomicBool::new(false));
+        let limits = Arc::new(crate::ratelimit::RateLimits::new(config.throttle.clone()));
         let proxy = Arc::new(Proxy {
+            limits: limits.clone(),
             flights: Default::default(),
             groups: Default::default(),
             config: Arc::new(config),
@@ -58,6 +60,7 @@ impl Graphcache {
         });
         let admin = Arc::new(Admin {
             metrics,
+            limits,
             store,
             ready: ready.clone(),
         });

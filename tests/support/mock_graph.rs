@@ -89,6 +89,11 @@ struct State {
     /// Batch items whose relative_url contains one of these come back
     /// `null` (not executed), once each.
     null_once: Mutex<Vec<String>>,
+    /// Usage headers added to every answer (name, raw value).
+    usage: Mutex<Vec<(String, String)>>,
+    /// While set, reads and writes are answered with this throttling error
+    /// code, plus these extra headers.
+    throttling: Mutex<Option<(i64, Vec<(String, String)>)>>,
 }
 
 /// Handle to a running mock Graph server.
@@ -118,6 +123,11 @@ impl MockGraph {
             arrivals: watch::channel(0).0,
             batch_failure: Mutex::new(BatchFailure::None),
             null_once: Mutex::default(),
+            usage: Mutex::new(vec![(
+                "x-app-usage".to_owned(),
+                r#"{"call_count":5,"total_cputime":1,"total_time":2}"#.to_owned(),
+            )]),
+            throttling: Mutex::new(None),
         });
         let serve_state = state.clone();
         tokio::spawn(async move {
@@ -167,6 +177,27 @@ impl MockGraph {
     /// Non-GET requests received.
     pub fn writes(&self) -> u64 {
         self.state.counters.writes.load(Ordering::SeqCst)
+    }
+    /// Replaces the usage headers sent with every answer.
+    pub fn set_usage(&self, headers: &[(&str, &str)]) {
+        *self.state.usage.lock().unwrap() = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+    /// Answers everything with Graph's throttling error `code` and `headers`
+    /// (e.g. a business-use-case header naming the time to regain access).
+    pub fn throttle(&self, code: i64, headers: &[(&str, &str)]) {
+        *self.state.throttling.lock().unwrap() = Some((
+            code,
+            headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ));
+    }
+    pub fn stop_throttling(&self) {
+        *self.state.throttling.lock().unwrap() = None;
     }
     /// Batch POSTs received.
     pub fn batches(&self) -> u64 {
@@ -290,6 +321,14 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
             );
         }
         Outage::Close => return Response::new(Full::new(Bytes::new())),
+    }
+    let throttling = state.throttling.lock().unwrap().clone();
+    if let Some((code, headers)) = throttling {
+        let is_batch_post = parts.method == Method::POST
+            && form_urlencoded::parse(&body).any(|(k, _)| k == "batch");
+        if !is_batch_post {
+            return throttled(code, &headers);
+        }
     }
 
     let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes())
@@ -458,7 +497,10 @@ fn run_batch(
             .as_str()
             .unwrap_or("GET")
             .to_ascii_uppercase();
-        let response = if token == "bad" {
+        let throttling = state.throttling.lock().unwrap().clone();
+        let response = if let Some((code, headers)) = throttling {
+            throttled(code, &headers)
+        } else if token == "bad" {
             envelope(
                 StatusCode::BAD_REQUEST,
                 190,
@@ -770,14 +812,33 @@ fn graph_headers(h: &mut HeaderMap) {
 }
 
 fn add_usage(h: &mut HeaderMap, state: &State) {
-    let calls = state.counters.requests.load(Ordering::SeqCst).min(100);
-    h.insert(
-        "x-app-usage",
-        HeaderValue::from_str(&format!(
-            "{{\"call_count\":{calls},\"total_cputime\":1,\"total_time\":2}}"
-        ))
-        .unwrap(),
-    );
+    for (name, value) in state.usage.lock().unwrap().iter() {
+        h.insert(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            HeaderValue::from_str(value).unwrap(),
+        );
+    }
+}
+
+/// Graph's throttling answer: 403 for the app-level code 4, else 400.
+fn throttled(code: i64, headers: &[(String, String)]) -> Response<Full<Bytes>> {
+    let status = if code == 4 {
+        StatusCode::FORBIDDEN
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    let body = json!({"error": {
+        "message": format!("(#{code}) There have been too many calls. Wait a bit and try again."),
+        "type": "OAuthException", "code": code, "error_subcode": 2446079, "is_transient": true,
+        "fbtrace_id": "AmFGcW_3hwDB7qFbl_QdebZ"}});
+    let mut response = json_response(status, body, &HeaderMap::new(), "");
+    for (name, value) in headers {
+        response.headers_mut().insert(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            HeaderValue::from_str(value).unwrap(),
+        );
+    }
+    response
 }
 
 fn json_response(

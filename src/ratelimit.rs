@@ -1,0 +1,593 @@
+//! Graph's rate limits: usage headers become metrics, throttling answers put
+//! their scope (the app, or a business object such as an ad account) into a
+//! throttled state, and high usage counts as pressure. The read path asks
+//! for a [`Verdict`] before spending quota on a stored entry.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderMap, StatusCode};
+
+use crate::metrics::Metrics;
+use crate::routes::ObjectId;
+use crate::usage::{self, UsageError};
+
+/// Throttle protection settings (validated config).
+#[derive(Debug, Clone)]
+pub struct ThrottleSettings {
+    /// How long a scope stays throttled when the answer names no time.
+    pub backoff: Duration,
+    /// Usage ratio (0..1) from which a scope is under pressure.
+    pub pressure_threshold: f64,
+    /// Answer GETs without an entry locally while throttled, with Graph's
+    /// throttling envelope, instead of forwarding them.
+    pub answer_locally: bool,
+    /// Quota-aware freshness: from this usage ratio on, fresh TTLs stretch
+    /// linearly up to `quota_ttl_max` at 100 %. None = off.
+    pub quota_ttl_from: Option<f64>,
+    pub quota_ttl_max: Duration,
+    /// Distinct business and account ids kept as metric labels.
+    pub label_limit: usize,
+}
+
+impl Default for ThrottleSettings {
+    fn default() -> Self {
+        Self {
+            backoff: Duration::from_secs(60),
+            pressure_threshold: 0.95,
+            answer_locally: false,
+            quota_ttl_from: None,
+            quota_ttl_max: Duration::from_secs(300),
+            label_limit: 100,
+        }
+    }
+}
+
+/// Whose quota an answer speaks about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    App,
+    Object(ObjectId),
+}
+
+#[derive(Debug)]
+struct ScopeState {
+    throttled_until: Option<Instant>,
+    code: i64,
+    /// Highest usage ratio last reported for the scope, and when.
+    usage: Option<(f64, Instant)>,
+}
+
+/// What the read path may do for a request's scopes right now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Verdict {
+    /// Throttled: the remaining wait and the Graph error code behind it.
+    pub throttled: Option<(Duration, i64)>,
+    /// Highest recent usage ratio of the request's scopes (0 if unknown).
+    pub usage: f64,
+}
+
+impl Verdict {
+    const CLEAR: Verdict = Verdict {
+        throttled: None,
+        usage: 0.0,
+    };
+}
+
+/// Usage older than this no longer counts as pressure.
+const USAGE_MEMORY: Duration = Duration::from_secs(300);
+/// At most one warning per this interval for malformed headers.
+const WARN_INTERVAL_SECS: u64 = 60;
+
+/// Rate-limit state shared by all requests.
+pub struct RateLimits {
+    pub settings: ThrottleSettings,
+    scopes: Mutex<HashMap<Scope, ScopeState>>,
+    /// False until any usage or throttle was seen: keeps the common path
+    /// lock-free.
+    active: AtomicBool,
+    labels: Mutex<HashSet<String>>,
+    last_warning: AtomicU64,
+}
+
+impl RateLimits {
+    pub fn new(settings: ThrottleSettings) -> Self {
+        Self {
+            settings,
+            scopes: Mutex::default(),
+            active: AtomicBool::new(false),
+            labels: Mutex::default(),
+            last_warning: AtomicU64::new(0),
+        }
+    }
+
+    /// Reads the usage headers of one upstream answer (a response, a 304,
+    /// a batch, or a batch item) about `objects` (the request's objects).
+    pub fn observe(&self, headers: &HeaderMap, objects: &[ObjectId], metrics: &Metrics) {
+        let m = &metrics.usage;
+        let now = Instant::now();
+        let account = objects.first().map(|o| self.label(o.as_str(), metrics));
+        let mut updates: Vec<(Scope, f64, Option<Duration>)> = Vec::new();
+        for header in usage::HEADERS {
+            let Some(value) = headers.get(header) else {
+                continue;
+            };
+            m.last_seen.with_label_values(&[header]).set(unix_now());
+            let result: Result<(), UsageError> = (|| {
+                match header {
+                    usage::APP_USAGE => {
+                        let u = usage::parse_app(value.as_bytes())?;
+                        for (metric, v) in [
+                            ("call_count", u.call_count),
+                            ("total_time", u.total_time),
+                            ("total_cputime", u.total_cputime),
+                        ] {
+                            if let Some(v) = v {
+                                m.app_usage.with_label_values(&[metric]).set(v / 100.0);
+                            }
+                        }
+                        updates.push((
+                            Scope::App,
+                            max_ratio(&[u.call_count, u.total_time, u.total_cputime]),
+                            None,
+                        ));
+                    }
+                    usage::AD_ACCOUNT_USAGE => {
+                        let u = usage::parse_ad_account(value.as_bytes())?;
+                        let label = account.as_deref().unwrap_or("unknown");
+                        if let Some(v) = u.acc_id_util_pct {
+                            m.ad_account_usage
+                                .with_label_values(&[label])
+                                .set(v / 100.0);
+                        }
+                        if let Some(v) = u.reset_time_duration {
+                            m.ad_account_reset.with_label_values(&[label]).set(v);
+                        }
+                        if let Some(object) = objects.first() {
+                            updates.push((
+                                Scope::Object(object.clone()),
+                                max_ratio(&[u.acc_id_util_pct]),
+                                None,
+                            ));
+                        }
+                    }
+                    usage::BUSINESS_USAGE => {
+                        let u = usage::parse_business(value.as_bytes())?;
+                        for (id, entries) in &u.0 {
+                            let label = self.label(id.trim_start_matches("act_"), metrics);
+                            for e in entries {
+                                let kind = if e.kind.is_empty() {
+                                    "unknown"
+                                } else {
+                                    e.kind.as_str()
+                                };
+                                for (metric, v) in [
+                                    ("call_count", e.call_count),
+                                    ("total_time", e.total_time),
+                                    ("total_cputime", e.total_cputime),
+                                ] {
+                                    if let Some(v) = v {
+                                        m.business_usage
+                                            .with_label_values(&[&label, kind, metric])
+                                            .set(v / 100.0);
+                                    }
+                                }
+                                let regain =
+                                    e.estimated_time_to_regain_access.unwrap_or(0.0).max(0.0)
+                                        * 60.0;
+                                m.business_regain
+                                    .with_label_values(&[&label, kind])
+                                    .set(regain);
+                                if let Some(object) = ObjectId::parse(id) {
+                                    let blocked =
+                                        (regain > 0.0).then(|| Duration::from_secs_f64(regain));
+                                    updates.push((
+                                        Scope::Object(object),
+                                        max_ratio(&[e.call_count, e.total_time, e.total_cputime]),
+                                        blocked,
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                    _ => {
+                        let u = usage::parse_insights(value.as_bytes())?;
+                        if let Some(v) = u.app_id_util_pct {
+                            m.insights_throttle
+                                .with_label_values(&["app"])
+                                .set(v / 100.0);
+                            updates.push((Scope::App, v / 100.0, None));
+                        }
+                        if let Some(v) = u.acc_id_util_pct {
+                            m.insights_throttle
+                                .with_label_values(&["account"])
+                                .set(v / 100.0);
+                            if let Some(object) = objects.first() {
+                                updates.push((Scope::Object(object.clone()), v / 100.0, None));
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(error) = result {
+                m.parse_errors.with_label_values(&[header]).inc();
+                self.warn_now_and_then(&error);
+            }
+        }
+        if updates.is_empty() {
+            return;
+        }
+        self.active.store(true, Ordering::Release);
+        let mut scopes = self.lock();
+        for (scope, ratio, blocked) in updates {
+            let state = scopes.entry(scope).or_insert(ScopeState {
+                throttled_until: None,
+                code: 0,
+                usage: None,
+            });
+            let previous = state
+                .usage
+                .filter(|(_, at)| *at == now)
+                .map_or(0.0, |(r, _)| r);
+            state.usage = Some((ratio.max(previous), now));
+            if let Some(wait) = blocked {
+                state.throttled_until = Some(now + wait);
+                if state.code == 0 {
+                    state.code = 80_000;
+                }
+            }
+        }
+    }
+
+    /// Reads an upstream answer whose body is at hand: its usage headers and,
+    /// for an error, whether it is a throttling answer.
+    pub fn observe_answer(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+        objects: &[ObjectId],
+        metrics: &Metrics,
+    ) {
+        self.observe(headers, objects, metrics);
+        if status.is_success() && !body.trim_ascii_start().starts_with(b"{\"error\"") {
+            return;
+        }
+        let Some((code, _)) = usage::throttle_error(body) else {
+            return;
+        };
+        metrics
+            .usage
+            .throttle_responses
+            .with_label_values(&[&code.to_string()])
+            .inc();
+        let now = Instant::now();
+        let mut blocked: Vec<(Scope, Duration)> = Vec::new();
+        if let Some(Ok(buc)) = headers
+            .get(usage::BUSINESS_USAGE)
+            .map(|v| usage::parse_business(v.as_bytes()))
+        {
+            for (id, entries) in &buc.0 {
+                let exhausted = entries.iter().any(|e| {
+                    e.estimated_time_to_regain_access.unwrap_or(0.0) > 0.0
+                        || max_ratio(&[e.call_count, e.total_time, e.total_cputime]) >= 1.0
+                });
+                let regain = entries
+                    .iter()
+                    .filter_map(|e| e.estimated_time_to_regain_access)
+                    .fold(0.0_f64, f64::max);
+                if let (true, Some(object)) = (exhausted, ObjectId::parse(id)) {
+                    let wait = if regain > 0.0 {
+                        Duration::from_secs_f64(regain * 60.0)
+                    } else {
+                        self.settings.backoff
+                    };
+                    blocked.push((Scope::Object(object), wait));
+                }
+            }
+        }
+        if blocked.is_empty() {
+            let reset = headers
+                .get(usage::AD_ACCOUNT_USAGE)
+                .and_then(|v| usage::parse_ad_account(v.as_bytes()).ok())
+                .and_then(|u| u.reset_time_duration)
+                .filter(|s| *s > 0.0)
+                .map(Duration::from_secs_f64);
+            let wait = reset.unwrap_or(self.settings.backoff);
+            let scope = match (code, objects.first()) {
+                (4 | 341, _) | (_, None) => Scope::App,
+                (_, Some(object)) => Scope::Object(object.clone()),
+            };
+            blocked.push((scope, wait));
+        }
+        self.active.store(true, Ordering::Release);
+        let mut scopes = self.lock();
+        for (scope, wait) in blocked {
+            tracing::warn!(scope = ?scope, code, wait_seconds = wait.as_secs(), "Graph is throttling; serving stored entries for this scope");
+            let state = scopes.entry(scope).or_insert(ScopeState {
+                throttled_until: None,
+                code,
+                usage: None,
+            });
+            state.throttled_until = Some(now + wait);
+            state.code = code;
+        }
+    }
+
+    /// The state of the app and of `objects` for one read.
+    pub fn verdict(&self, objects: &[ObjectId]) -> Verdict {
+        if !self.active.load(Ordering::Acquire) {
+            return Verdict::CLEAR;
+        }
+        let now = Instant::now();
+        let scopes = self.lock();
+        let mut verdict = Verdict::CLEAR;
+        let app = std::iter::once(Scope::App);
+        for scope in app.chain(objects.iter().cloned().map(Scope::Object)) {
+            let Some(state) = scopes.get(&scope) else {
+                continue;
+            };
+            if let Some(until) = state.throttled_until.filter(|u| *u > now) {
+                let remaining = until - now;
+                if verdict.throttled.is_none_or(|(r, _)| remaining > r) {
+                    verdict.throttled = Some((remaining, state.code));
+                }
+            }
+            if let Some((ratio, at)) = state.usage {
+                if now.duration_since(at) < USAGE_MEMORY {
+                    verdict.usage = verdict.usage.max(ratio);
+                }
+            }
+        }
+        verdict
+    }
+
+    /// The fresh TTL to apply at `usage`, stretched when quota is scarce.
+    pub fn stretched_ttl(&self, fresh_ttl: Duration, usage: f64) -> Duration {
+        stretch(
+            fresh_ttl,
+            usage,
+            self.settings.quota_ttl_from,
+            self.settings.quota_ttl_max,
+        )
+    }
+
+    /// Scopes throttled right now (for the gauge).
+    pub fn throttled_scopes(&self) -> usize {
+        let now = Instant::now();
+        self.lock()
+            .values()
+            .filter(|s| s.throttled_until.is_some_and(|u| u > now))
+            .count()
+    }
+
+    /// A bounded label value: past the limit, ids fold into `other`.
+    fn label(&self, id: &str, metrics: &Metrics) -> String {
+        let mut labels = self.labels.lock().unwrap_or_else(|e| e.into_inner());
+        if labels.contains(id) {
+            return id.to_owned();
+        }
+        if labels.len() < self.settings.label_limit {
+            labels.insert(id.to_owned());
+            return id.to_owned();
+        }
+        metrics.usage.labels_folded.inc();
+        "other".to_owned()
+    }
+
+    fn warn_now_and_then(&self, error: &UsageError) {
+        let now = unix_now() as u64;
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if now >= last + WARN_INTERVAL_SECS
+            && self
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(%error, "ignoring a malformed usage header (counted in graphcache_graph_usage_parse_errors_total)");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Scope, ScopeState>> {
+        self.scopes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Linear stretch of `fresh_ttl` towards `max` as usage goes from `from` to 1.
+pub fn stretch(fresh_ttl: Duration, usage: f64, from: Option<f64>, max: Duration) -> Duration {
+    let Some(from) = from else { return fresh_ttl };
+    if usage <= from || max <= fresh_ttl {
+        return fresh_ttl;
+    }
+    let share = ((usage - from) / (1.0 - from).max(f64::EPSILON)).clamp(0.0, 1.0);
+    fresh_ttl + (max - fresh_ttl).mul_f64(share)
+}
+
+fn max_ratio(values: &[Option<f64>]) -> f64 {
+    values.iter().flatten().fold(0.0_f64, |a, &b| a.max(b)) / 100.0
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::objects_of;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn nothing_seen_means_a_clear_verdict() {
+        let limits = RateLimits::new(ThrottleSettings::default());
+        assert_eq!(limits.verdict(&objects_of("/v1/act_1", [])), Verdict::CLEAR);
+    }
+
+    #[test]
+    fn usage_headers_become_pressure_on_their_scope() {
+        let limits = RateLimits::new(ThrottleSettings::default());
+        let metrics = Metrics::new();
+        let act = objects_of("/v1/act_42/ads", []);
+        limits.observe(
+            &headers(&[(
+                "x-app-usage",
+                r#"{"call_count":50,"total_time":96,"total_cputime":3}"#,
+            )]),
+            &act,
+            &metrics,
+        );
+        assert_eq!(limits.verdict(&objects_of("/v1/other", [])).usage, 0.96);
+        limits.observe(
+            &headers(&[(
+                "x-business-use-case-usage",
+                r#"{"42":[{"type":"ads_management","call_count":99}]}"#,
+            )]),
+            &act,
+            &metrics,
+        );
+        assert_eq!(limits.verdict(&act).usage, 0.99);
+        assert_eq!(limits.verdict(&objects_of("/v1/act_7", [])).usage, 0.96);
+    }
+
+    #[test]
+    fn throttle_answers_block_the_business_named_in_the_header() {
+        let limits = RateLimits::new(ThrottleSettings::default());
+        let metrics = Metrics::new();
+        let act = objects_of("/v1/act_42/insights", []);
+        let h = headers(&[(
+            "x-business-use-case-usage",
+            r#"{"42":[{"type":"ads_insights","call_count":100,"estimated_time_to_regain_access":2}]}"#,
+        )]);
+        let body = br#"{"error":{"code":80000,"error_subcode":2446079,"message":"too many"}}"#;
+        limits.observe_answer(StatusCode::BAD_REQUEST, &h, body, &act, &metrics);
+        let (wait, code) = limits.verdict(&act).throttled.unwrap();
+        assert_eq!(code, 80000);
+        assert!(
+            wait > Duration::from_secs(110) && wait <= Duration::from_secs(120),
+            "{wait:?}"
+        );
+        // Another account is not throttled.
+        assert!(limits
+            .verdict(&objects_of("/v1/act_7", []))
+            .throttled
+            .is_none());
+        assert_eq!(limits.throttled_scopes(), 1);
+    }
+
+    #[test]
+    fn app_level_throttles_use_the_configured_backoff() {
+        let settings = ThrottleSettings {
+            backoff: Duration::from_secs(30),
+            ..ThrottleSettings::default()
+        };
+        let limits = RateLimits::new(settings);
+        let metrics = Metrics::new();
+        let body = br#"{"error":{"code":4,"message":"(#4) Application request limit reached"}}"#;
+        limits.observe_answer(
+            StatusCode::FORBIDDEN,
+            &HeaderMap::new(),
+            body,
+            &objects_of("/v1/me", []),
+            &metrics,
+        );
+        let (wait, code) = limits
+            .verdict(&objects_of("/v1/anything", []))
+            .throttled
+            .unwrap();
+        assert_eq!(code, 4);
+        assert!(wait <= Duration::from_secs(30) && wait > Duration::from_secs(25));
+        // A non-throttle error changes nothing.
+        let other = RateLimits::new(ThrottleSettings::default());
+        other.observe_answer(
+            StatusCode::BAD_REQUEST,
+            &HeaderMap::new(),
+            br#"{"error":{"code":190}}"#,
+            &[],
+            &metrics,
+        );
+        assert!(other.verdict(&[]).throttled.is_none());
+    }
+
+    #[test]
+    fn malformed_headers_are_counted_and_ignored() {
+        let limits = RateLimits::new(ThrottleSettings::default());
+        let metrics = Metrics::new();
+        limits.observe(
+            &headers(&[("x-app-usage", "{oops"), ("x-ad-account-usage", "[]")]),
+            &[],
+            &metrics,
+        );
+        assert_eq!(
+            metrics
+                .usage
+                .parse_errors
+                .with_label_values(&["x-app-usage"])
+                .get(),
+            1
+        );
+        assert_eq!(
+            metrics
+                .usage
+                .parse_errors
+                .with_label_values(&["x-ad-account-usage"])
+                .get(),
+            1
+        );
+        assert_eq!(limits.verdict(&[]), Verdict::CLEAR);
+    }
+
+    #[test]
+    fn labels_past_the_limit_fold_into_other() {
+        let settings = ThrottleSettings {
+            label_limit: 2,
+            ..ThrottleSettings::default()
+        };
+        let limits = RateLimits::new(settings);
+        let metrics = Metrics::new();
+        let buc = r#"{"1":[{"type":"ads_management","call_count":1}],"2":[{"type":"ads_management","call_count":2}],"3":[{"type":"ads_management","call_count":3}]}"#;
+        limits.observe(
+            &headers(&[("x-business-use-case-usage", buc)]),
+            &[],
+            &metrics,
+        );
+        assert_eq!(metrics.usage.labels_folded.get(), 1);
+        let other = metrics
+            .usage
+            .business_usage
+            .with_label_values(&["other", "ads_management", "call_count"])
+            .get();
+        assert_eq!(other, 0.03);
+    }
+
+    #[test]
+    fn fresh_ttl_stretches_with_usage() {
+        let max = Duration::from_secs(300);
+        assert_eq!(stretch(Duration::ZERO, 0.9, None, max), Duration::ZERO);
+        assert_eq!(
+            stretch(Duration::ZERO, 0.5, Some(0.75), max),
+            Duration::ZERO
+        );
+        assert_eq!(
+            stretch(Duration::ZERO, 0.875, Some(0.75), max),
+            Duration::from_secs(150)
+        );
+        assert_eq!(stretch(Duration::from_secs(10), 1.2, Some(0.75), max), max);
+        assert_eq!(
+            stretch(Duration::from_secs(600), 1.0, Some(0.75), max),
+            Duration::from_secs(600)
+        );
+    }
+}
