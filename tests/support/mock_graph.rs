@@ -51,6 +51,9 @@ impl Seen {
     }
 }
 
+/// A throttling error code and the extra headers sent with it.
+type Throttling = (i64, Vec<(String, String)>);
+
 /// How the mock fails a whole batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchFailure {
@@ -93,7 +96,7 @@ struct State {
     usage: Mutex<Vec<(String, String)>>,
     /// While set, reads and writes are answered with this throttling error
     /// code, plus these extra headers.
-    throttling: Mutex<Option<(i64, Vec<(String, String)>)>>,
+    throttling: Mutex<Option<Throttling>>,
 }
 
 /// Handle to a running mock Graph server.
