@@ -345,6 +345,13 @@ impl Metrics {
         for c in usage.collectors() {
             registry.register(c).expect("metric names are unique");
         }
+        // Series that dashboards and alerts read exist from the start at 0.
+        for class in ["2xx", "3xx", "4xx", "5xx", "error"] {
+            upstream_requests.with_label_values(&[class]);
+        }
+        for cause in ["size", "expired", "explicit"] {
+            evictions.with_label_values(&[cause]);
+        }
         for c in [
             Box::new(items) as Box<dyn prometheus::core::Collector>,
             Box::new(calls),

@@ -108,7 +108,6 @@ impl RateLimits {
     pub fn observe(&self, headers: &HeaderMap, objects: &[ObjectId], metrics: &Metrics) {
         let m = &metrics.usage;
         let now = Instant::now();
-        let account = objects.first().map(|o| self.label(o.as_str(), metrics));
         let mut updates: Vec<(Scope, f64, Option<Duration>)> = Vec::new();
         for header in usage::HEADERS {
             let Some(value) = headers.get(header) else {
@@ -136,7 +135,11 @@ impl RateLimits {
                     }
                     usage::AD_ACCOUNT_USAGE => {
                         let u = usage::parse_ad_account(value.as_bytes())?;
-                        let label = account.as_deref().unwrap_or("unknown");
+                        let label = objects.first().map_or_else(
+                            || "unknown".to_owned(),
+                            |o| self.label(o.as_str(), metrics),
+                        );
+                        let label = label.as_str();
                         if let Some(v) = u.acc_id_util_pct {
                             m.ad_account_usage
                                 .with_label_values(&[label])
