@@ -164,10 +164,23 @@ pub fn accepts_gzip(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Ages with a value built once, so a hit's `Age` header costs no allocation.
+const SHARED_AGES: u64 = 3600;
+
 /// An `Age` header value (whole seconds).
 pub fn age_value(seconds: u64) -> HeaderValue {
+    static AGES: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    if seconds < SHARED_AGES {
+        let ages = AGES.get_or_init(|| (0..SHARED_AGES).map(format_age).collect());
+        return ages[seconds as usize].clone();
+    }
+    format_age(seconds)
+}
+
+fn format_age(seconds: u64) -> HeaderValue {
     let mut buf = itoa_buf(seconds);
-    HeaderValue::from_bytes(buf.as_bytes_mut()).expect("digits are a valid header value")
+    HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(buf.as_bytes_mut()))
+        .expect("digits are a valid header value")
 }
 
 /// Formats an integer without going through `format!`.
@@ -315,6 +328,8 @@ mod tests {
     fn age_values() {
         assert_eq!(age_value(0), "0");
         assert_eq!(age_value(1234), "1234");
+        assert_eq!(age_value(3599), "3599");
+        assert_eq!(age_value(3600), "3600");
         assert_eq!(age_value(u64::MAX), "18446744073709551615");
     }
 }

@@ -106,9 +106,12 @@ impl<'a> QueryParams<'a> {
     /// Decodes `query` (without the leading `?`). `+` and `%20` decode alike,
     /// as do `%2C` and `,`, so differently encoded spellings share a key.
     pub fn parse(query: Option<&'a str>) -> Self {
-        let mut pairs: Vec<_> = query
-            .map(|q| form_urlencoded::parse(q.as_bytes()).collect())
-            .unwrap_or_default();
+        let mut pairs = Vec::new();
+        if let Some(q) = query {
+            // One allocation, sized up front: this runs on every cache hit.
+            pairs.reserve_exact(memchr::memchr_iter(b'&', q.as_bytes()).count() + 1);
+            pairs.extend(form_urlencoded::parse(q.as_bytes()));
+        }
         pairs.sort_by(|a, b| a.0.cmp(&b.0));
         Self { pairs }
     }
