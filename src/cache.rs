@@ -120,7 +120,17 @@ pub fn classify(age: Duration, policy: &CachePolicy) -> Freshness {
 
 /// A snapshot of the write sequence, taken before a read goes upstream.
 #[derive(Debug, Clone, Copy)]
-pub struct ReadTicket(u64);
+pub struct ReadTicket {
+    sequence: u64,
+    taken: Instant,
+}
+
+impl ReadTicket {
+    /// The write sequence number when the read started.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+}
 
 #[derive(Default)]
 struct ObjectRecord {
@@ -210,12 +220,20 @@ impl Store {
 
     /// Take before going upstream for a read that may be stored.
     pub fn read_ticket(&self) -> ReadTicket {
-        ReadTicket(self.write_seq.load(Ordering::Acquire))
+        ReadTicket {
+            sequence: self.write_seq.load(Ordering::Acquire),
+            taken: Instant::now(),
+        }
     }
 
     /// Stores `entry` unless a write to one of its objects landed after
     /// `ticket` was taken. Returns whether it was stored.
     pub async fn put(&self, key: CacheKey, mut entry: CachedResponse, ticket: ReadTicket) -> bool {
+        // Write marks are forgotten after `write_memory`: a read older than
+        // that can no longer prove no write overtook it.
+        if ticket.taken.elapsed() >= self.write_memory {
+            return false;
+        }
         if written_since(&lock(&self.index), &entry.objects, ticket) {
             return false;
         }
@@ -318,7 +336,7 @@ fn written_since(index: &Index, objects: &[ObjectId], ticket: ReadTicket) -> boo
         index
             .objects
             .get(o)
-            .is_some_and(|r| r.last_write > ticket.0)
+            .is_some_and(|r| r.last_write > ticket.sequence)
     })
 }
 
@@ -407,6 +425,15 @@ mod tests {
         // A read that starts after the write stores normally.
         assert!(
             s.put(key("/v1/7", "t"), entry("/v1/7"), s.read_ticket())
+                .await
+        );
+    }
+
+    #[tokio::test]
+    async fn reads_older_than_the_write_memory_are_not_stored() {
+        let s = Store::new(1 << 20, Duration::ZERO, Arc::new(|_| {}));
+        assert!(
+            !s.put(key("/v1/8", "t"), entry("/v1/8"), s.read_ticket())
                 .await
         );
     }

@@ -16,14 +16,14 @@ use serde_json::{Map, Value};
 
 use crate::batch::{api_version, ItemReply, MAX_ITEMS};
 use crate::body::ResponseBody;
-use crate::cache::{CachedResponse, Freshness, ReadTicket};
+use crate::cache::{CachedResponse, Freshness};
 use crate::dispatch::Answer;
 use crate::error::ProxyError;
-use crate::handler::{cache_status, full_body, Handled, Proxy};
+use crate::handler::{cache_status, full_body, Cacheable, Handled, Proxy, Settled};
 use crate::headers::{client_cache_control, if_none_match_matches, strip_hop_by_hop};
-use crate::key::{authorization_token, cache_key, CacheKey, QueryParams};
+use crate::key::{authorization_token, cache_key, QueryParams};
 use crate::metrics::Outcome;
-use crate::routes::{objects_of, CachePolicy, ObjectId};
+use crate::routes::{objects_of, ObjectId};
 use crate::upstream::UpstreamTimer;
 
 /// A client batch, parsed and validated.
@@ -379,14 +379,8 @@ fn graph_header_name(name: &str) -> String {
 enum Plan {
     /// Answered from the cache: the reply entry.
     Local(Value),
-    /// Sent upstream; the answer may be stored (or, with `entry`, it
-    /// revalidates that entry).
-    Cacheable {
-        key: CacheKey,
-        policy: CachePolicy,
-        objects: Arc<[ObjectId]>,
-        entry: Option<Arc<CachedResponse>>,
-    },
+    /// Sent upstream; its answer settles in the cache like a single read's.
+    Cacheable(Cacheable),
     /// A write: on success its objects are invalidated.
     Write(Vec<ObjectId>),
     /// Sent upstream and relayed, nothing else.
@@ -452,16 +446,22 @@ impl Proxy {
                     plans.push(Plan::Local(local_entry(item, entry, batch.include_headers)));
                     continue;
                 }
-                if let Some(tag) = entry.etag.as_ref().and_then(|t| t.to_str().ok()) {
-                    set_if_none_match(item, tag);
-                }
             }
-            plans.push(Plan::Cacheable {
+            let validator = entry
+                .as_ref()
+                .and_then(|e| e.etag.as_ref())
+                .and_then(|t| t.to_str().ok());
+            if let Some(tag) = validator {
+                set_if_none_match(item, tag);
+            }
+            plans.push(Plan::Cacheable(Cacheable {
                 key,
                 policy,
                 objects,
+                ticket,
+                validated: validator.is_some(),
                 entry,
-            });
+            }));
         }
         let forwarded: Vec<usize> = (0..plans.len())
             .filter(|&i| !matches!(plans[i], Plan::Local(_)))
@@ -483,7 +483,22 @@ impl Proxy {
             .client_batch_items
             .forwarded
             .inc_by(forwarded.len() as u64);
-        let answer = self.forward_batch(parts, &batch, &forwarded, timer).await?;
+        let writes: Vec<ObjectId> = plans
+            .iter()
+            .filter_map(|p| match p {
+                Plan::Write(objects) => Some(objects.iter().cloned()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let answer = match self.forward_batch(parts, &batch, &forwarded, timer).await {
+            Ok(answer) => answer,
+            Err(error) => {
+                // The writes may have run: their objects cannot be trusted.
+                self.invalidate(&writes).await;
+                return Err(error);
+            }
+        };
         self.limits.observe_answer(
             answer.status,
             &answer.headers,
@@ -499,8 +514,13 @@ impl Proxy {
                 Outcome::Batch,
             ));
         }
-        let upstream = crate::batch::decode_reply(&answer.body, forwarded.len())
-            .map_err(|e| ProxyError::BatchFailed(e.to_string()))?;
+        let upstream = match crate::batch::decode_reply(&answer.body, forwarded.len()) {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                self.invalidate(&writes).await;
+                return Err(ProxyError::BatchFailed(error.to_string()));
+            }
+        };
         let mut upstream = upstream.into_iter();
         for (plan, item) in plans.into_iter().zip(&batch.items) {
             let reply = match plan {
@@ -509,7 +529,7 @@ impl Proxy {
                     let reply = upstream
                         .next()
                         .expect("one upstream entry per forwarded item");
-                    self.settle_item(plan, item, outer_path, reply, ticket, batch.include_headers)
+                    self.settle_item(plan, item, outer_path, reply, batch.include_headers)
                         .await
                 }
             };
@@ -587,11 +607,15 @@ impl Proxy {
         item: &Item,
         outer_path: &str,
         reply: Option<ItemReply>,
-        ticket: ReadTicket,
         include_headers: bool,
     ) -> Value {
-        // A null entry stays null, so SDKs retry the item.
+        // A null entry stays null, so SDKs retry the item. A write that comes
+        // back null may have run (a successful parent is omitted by default):
+        // invalidate as if it succeeded.
         let Some(reply) = reply else {
+            if let Plan::Write(objects) = &plan {
+                self.invalidate(objects).await;
+            }
             return Value::Null;
         };
         let objects = item.objects(outer_path);
@@ -611,40 +635,25 @@ impl Proxy {
             Plan::Pass => as_is(&reply),
             Plan::Write(objects) => {
                 if reply.status.is_success() {
-                    let dropped = self.store.invalidate_objects(&objects).await;
-                    self.metrics.count_invalidated(dropped);
+                    self.invalidate(&objects).await;
                 }
                 as_is(&reply)
             }
-            Plan::Cacheable {
-                key,
-                policy,
-                objects,
-                entry,
-            } => {
-                if reply.status == StatusCode::NOT_MODIFIED {
-                    if let Some(entry) = &entry {
-                        self.metrics.client_batch_items.revalidated.inc();
-                        let refreshed = entry.revalidated(reply.headers.get(header::ETAG).cloned());
-                        let served = local_entry(item, &refreshed, include_headers);
-                        self.store.put(key, refreshed, ticket).await;
-                        return served;
-                    }
-                    return as_is(&reply);
-                }
-                if reply.status.is_client_error() && entry.is_some() {
-                    self.store.remove(&key).await;
-                }
+            Plan::Cacheable(cacheable) => {
                 let answer = Answer {
                     status: reply.status,
                     headers: reply.headers.clone(),
                     body: reply.body.clone().unwrap_or_default(),
                     upstream_us: 0,
                 };
-                if let Ok(entry) = self.storable_entry(&answer, policy, objects) {
-                    self.store.put(key, entry, ticket).await;
+                match self.settle(&cacheable, &answer).await {
+                    Settled::Revalidated(entry) => {
+                        self.metrics.client_batch_items.revalidated.inc();
+                        local_entry(item, &entry, include_headers)
+                    }
+                    Settled::Stale(entry) => local_entry(item, &entry, include_headers),
+                    Settled::Relay { .. } => as_is(&reply),
                 }
-                as_is(&reply)
             }
         }
     }

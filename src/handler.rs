@@ -40,10 +40,14 @@ const GET_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 const CACHE_STATUS: &str = "cache-status";
 const HIT: HeaderValue = HeaderValue::from_static("graphcache; hit");
 
+/// What identical reads must share to share an upstream call: the cache key,
+/// the client's own conditional, and the write sequence when they started.
+pub(crate) type FlightKey = (CacheKey, Option<HeaderValue>, u64);
+
 /// Everything the request path needs, shared by all connections.
 pub struct Proxy {
     pub(crate) limits: Arc<crate::ratelimit::RateLimits>,
-    pub(crate) flights: Flights<(CacheKey, Option<HeaderValue>), Arc<FetchOutcome>>,
+    pub(crate) flights: Flights<FlightKey, Arc<FetchOutcome>>,
     pub(crate) groups: Groups,
     pub config: Arc<Config>,
     pub store: Store,
@@ -204,21 +208,33 @@ impl Proxy {
             objects.clone(),
         );
         let fetch = Fetch {
-            key,
-            policy,
-            objects,
-            ticket: self.store.read_ticket(),
             fwd: match (&entry, control.no_cache) {
                 (None, _) => "uri-miss",
                 (Some(_), true) => "request",
                 (Some(_), false) => "stale",
             },
-            validated: validator.is_some(),
-            entry,
+            cacheable: Cacheable {
+                key,
+                policy,
+                objects,
+                ticket: self.store.read_ticket(),
+                validated: validator.is_some(),
+                entry,
+            },
         };
         let outcome = self.fetch(&parts, fetch, get).await?;
         timer.add(Duration::from_micros(outcome.upstream_us()));
         self.respond(&parts, &outcome)
+    }
+
+    /// Drops every entry of `objects` after a write (that succeeded, or may
+    /// have), and counts them.
+    pub(crate) async fn invalidate(&self, objects: &[ObjectId]) {
+        if objects.is_empty() {
+            return;
+        }
+        let dropped = self.store.invalidate_objects(objects).await;
+        self.metrics.count_invalidated(dropped);
     }
 
     /// Throttle protection for a read that would go upstream: while its
@@ -356,18 +372,24 @@ impl Proxy {
         if !settings.enabled {
             return Ok(Arc::new(self.run_fetch(fetch, get).await));
         }
-        // Requests share a call only if they would send the same request:
-        // the client's own conditional matters when there is no entry.
-        let client_conditional = match &fetch.entry {
+        // Requests share a call only if they would send the same request (the
+        // client's own conditional matters when there is no entry) and no
+        // write landed since the call started: a read that starts after a
+        // write must not get the answer of a read that started before it.
+        let client_conditional = match &fetch.cacheable.entry {
             None => parts.headers.get(header::IF_NONE_MATCH).cloned(),
             Some(_) => None,
         };
+        let flight_key = (
+            fetch.cacheable.key,
+            client_conditional,
+            fetch.cacheable.ticket.sequence(),
+        );
+        let fallback = fetch.cacheable.usable_stale();
         let proxy = self.clone();
-        let ticket = self
-            .flights
-            .join_or_start((fetch.key, client_conditional), move || async move {
-                Arc::new(proxy.run_fetch(fetch, get).await)
-            });
+        let ticket = self.flights.join_or_start(flight_key, move || async move {
+            Arc::new(proxy.run_fetch(fetch, get).await)
+        });
         let metrics = &self.metrics.coalesce;
         if ticket.joined {
             metrics.joined.inc();
@@ -375,11 +397,19 @@ impl Proxy {
         }
         // A guard, so a request dropped on client disconnect still counts down.
         let _waiting = GaugeGuard::new(&metrics.waiting);
-        let result = tokio::time::timeout(settings.wait, ticket.wait()).await;
-        match result {
-            Ok(Some(outcome)) => Ok(outcome),
-            Ok(None) => Err(ProxyError::FlightLost),
-            Err(_) => Err(ProxyError::CoalesceTimeout(settings.wait)),
+        let error = match tokio::time::timeout(settings.wait, ticket.wait()).await {
+            Ok(Some(outcome)) => return Ok(outcome),
+            Ok(None) => ProxyError::FlightLost,
+            Err(_) => ProxyError::CoalesceTimeout(settings.wait),
+        };
+        // The shared call is late or lost: a young enough entry still serves.
+        match fallback {
+            Some(entry) => Ok(Arc::new(FetchOutcome::Stale {
+                entry,
+                fwd_status: None,
+                upstream_us: 0,
+            })),
+            None => Err(error),
         }
     }
 
@@ -387,16 +417,11 @@ impl Proxy {
     /// refreshes the entry, a storable 200 replaces it, a 4xx drops it, and a
     /// failure falls back to the stale entry if it is young enough.
     async fn run_fetch(self: &Arc<Self>, fetch: Fetch, get: UpstreamGet) -> FetchOutcome {
-        let stale_ok = |entry: &Option<Arc<CachedResponse>>| {
-            entry
-                .as_ref()
-                .filter(|e| e.freshness(Instant::now()) != Freshness::Expired)
-                .cloned()
-        };
+        let Fetch { cacheable, fwd } = fetch;
         let answer = match self.dispatch(get).await {
             Ok(answer) => answer,
             Err(error) => {
-                if let Some(entry) = stale_ok(&fetch.entry) {
+                if let Some(entry) = cacheable.usable_stale() {
                     tracing::warn!(kind = error.kind(), error = %error, "serving stale after upstream failure");
                     return FetchOutcome::Stale {
                         entry,
@@ -407,56 +432,66 @@ impl Proxy {
                 return FetchOutcome::Failed(error);
             }
         };
-        let status = answer.status;
         let upstream_us = answer.upstream_us;
-        if status == StatusCode::NOT_MODIFIED {
-            if let (Some(entry), true) = (&fetch.entry, fetch.validated) {
+        match self.settle(&cacheable, &answer).await {
+            Settled::Revalidated(entry) => FetchOutcome::Revalidated {
+                entry,
+                fwd,
+                upstream_us,
+            },
+            Settled::Stale(entry) => FetchOutcome::Stale {
+                entry,
+                fwd_status: Some(answer.status.as_u16()),
+                upstream_us,
+            },
+            Settled::Relay { stored, detail } => FetchOutcome::Answer {
+                outcome: match (&cacheable.entry, stored) {
+                    (Some(_), true) => Outcome::Refreshed,
+                    _ => Outcome::Miss,
+                },
+                answer,
+                stored,
+                fwd,
+                detail,
+            },
+        }
+    }
+
+    /// What an upstream answer to a cacheable read does to the cache, shared
+    /// by single reads and client batch items: a 304 to graphcache's own
+    /// validator refreshes the entry; a 5xx or a throttling answer falls back
+    /// to a young enough entry; any other 4xx drops the entry (the object is
+    /// gone or no longer readable with this token); a storable 200 replaces it.
+    pub(crate) async fn settle(&self, cacheable: &Cacheable, answer: &Answer) -> Settled {
+        let status = answer.status;
+        if status == StatusCode::NOT_MODIFIED && cacheable.validated {
+            if let Some(entry) = &cacheable.entry {
                 let refreshed =
                     Arc::new(entry.revalidated(answer.headers.get(header::ETAG).cloned()));
                 self.store
-                    .put(fetch.key, clone_entry(&refreshed), fetch.ticket)
+                    .put(cacheable.key, clone_entry(&refreshed), cacheable.ticket)
                     .await;
-                return FetchOutcome::Revalidated {
-                    entry: refreshed,
-                    fwd: fetch.fwd,
-                    upstream_us,
-                };
+                return Settled::Revalidated(refreshed);
             }
         }
-        if status.is_server_error() {
-            if let Some(entry) = stale_ok(&fetch.entry) {
-                return FetchOutcome::Stale {
-                    entry,
-                    fwd_status: Some(status.as_u16()),
-                    upstream_us,
-                };
+        let throttled =
+            status.is_client_error() && crate::usage::throttle_error(&answer.body).is_some();
+        if status.is_server_error() || throttled {
+            if let Some(entry) = cacheable.usable_stale() {
+                return Settled::Stale(entry);
             }
         }
-        let not_stored = |answer: Answer, detail| FetchOutcome::Answer {
-            answer,
-            stored: false,
-            fwd: fetch.fwd,
-            detail,
-            outcome: Outcome::Miss,
-        };
-        if status.is_client_error() && fetch.entry.is_some() {
-            // The object is gone or no longer readable with this token.
-            self.store.remove(&fetch.key).await;
+        if status.is_client_error() && !throttled && cacheable.entry.is_some() {
+            self.store.remove(&cacheable.key).await;
         }
-        let entry = match self.storable_entry(&answer, fetch.policy, fetch.objects) {
-            Ok(entry) => entry,
-            Err(detail) => return not_stored(answer, detail),
-        };
-        let stored = self.store.put(fetch.key, entry, fetch.ticket).await;
-        FetchOutcome::Answer {
-            answer,
-            stored,
-            fwd: fetch.fwd,
-            detail: None,
-            outcome: if fetch.entry.is_some() {
-                Outcome::Refreshed
-            } else {
-                Outcome::Miss
+        match self.storable_entry(answer, cacheable.policy, cacheable.objects.clone()) {
+            Ok(entry) => Settled::Relay {
+                stored: self.store.put(cacheable.key, entry, cacheable.ticket).await,
+                detail: None,
+            },
+            Err(detail) => Settled::Relay {
+                stored: false,
+                detail,
             },
         }
     }
@@ -714,15 +749,43 @@ impl Drop for GaugeGuard<'_> {
     }
 }
 
-/// What a cacheable read needs once it goes upstream.
-struct Fetch {
-    key: CacheKey,
-    policy: CachePolicy,
-    objects: Arc<[ObjectId]>,
-    ticket: ReadTicket,
-    entry: Option<Arc<CachedResponse>>,
+/// A cacheable read on its way upstream: where its answer goes in the cache.
+pub(crate) struct Cacheable {
+    pub key: CacheKey,
+    pub policy: CachePolicy,
+    pub objects: Arc<[ObjectId]>,
+    pub ticket: ReadTicket,
+    pub entry: Option<Arc<CachedResponse>>,
     /// The stored ETag went upstream as `If-None-Match`.
-    validated: bool,
+    pub validated: bool,
+}
+
+impl Cacheable {
+    /// The stored entry, if it is young enough to serve when upstream fails.
+    fn usable_stale(&self) -> Option<Arc<CachedResponse>> {
+        self.entry
+            .as_ref()
+            .filter(|e| e.freshness(Instant::now()) != Freshness::Expired)
+            .cloned()
+    }
+}
+
+/// What an upstream answer did to the cache (see [`Proxy::settle`]).
+pub(crate) enum Settled {
+    /// 304 to graphcache's validator: the refreshed entry, to serve.
+    Revalidated(Arc<CachedResponse>),
+    /// Upstream failed or throttled: this entry is young enough to serve.
+    Stale(Arc<CachedResponse>),
+    /// Serve the answer as it came; `stored` says whether it was kept.
+    Relay {
+        stored: bool,
+        detail: Option<&'static str>,
+    },
+}
+
+/// A single cacheable read going upstream.
+struct Fetch {
+    cacheable: Cacheable,
     /// RFC 9211 `fwd` value: why the request went upstream.
     fwd: &'static str,
 }

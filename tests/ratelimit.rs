@@ -147,9 +147,15 @@ async fn while_throttled_stored_entries_are_served_without_upstream_calls() {
     assert_eq!(served.body, stored.body);
     assert_eq!(served.cache_status(), "graphcache; hit; detail=throttled");
     assert_eq!(h.mock.requests(), calls);
-    // Account 2 is another scope: still revalidated upstream.
+    // Account 2 is another scope: still revalidated upstream, and when that
+    // meets the throttle too, its stored entry is served rather than the
+    // error (and kept, not dropped as a 4xx would be).
     let other = h.get("/v26.0/act_2/insights?access_token=EAAtokenA").await;
-    assert_eq!(other.status, 400);
+    assert_eq!(other.status, 200);
+    assert_eq!(
+        other.cache_status(),
+        "graphcache; fwd=stale; fwd-status=400; detail=stale-if-error"
+    );
     assert_eq!(h.mock.requests(), calls + 1);
     assert_eq!(
         h.metric("graphcache_graph_throttle_responses_total{code=\"80000\"}")
