@@ -171,23 +171,28 @@ pub fn relative_url(path: &str, query: Option<&str>) -> String {
         None => trimmed,
     };
     let mut url = rest.to_owned();
-    let kept: Vec<&str> = query
-        .unwrap_or("")
+    if let Some(query) = query_without(query, &CREDENTIAL_PARAMS) {
+        url.push('?');
+        url.push_str(&query);
+    }
+    url
+}
+
+/// The query string without the parameters whose decoded name is in
+/// `names`, everything else kept exactly as sent; None when nothing is left.
+pub fn query_without(query: Option<&str>, names: &[&str]) -> Option<String> {
+    let kept: Vec<&str> = query?
         .split('&')
         .filter(|pair| !pair.is_empty())
         .filter(|pair| {
             let name = pair.split('=').next().unwrap_or("");
-            let name = form_urlencoded::parse(name.as_bytes())
+            let decoded = form_urlencoded::parse(name.as_bytes())
                 .next()
-                .map(|(n, _)| n.into_owned());
-            !name.is_some_and(|n| CREDENTIAL_PARAMS.contains(&n.as_str()))
+                .map(|(n, _)| n);
+            !decoded.is_some_and(|n| names.contains(&n.as_ref()))
         })
         .collect();
-    if !kept.is_empty() {
-        url.push('?');
-        url.push_str(&kept.join("&"));
-    }
-    url
+    (!kept.is_empty()).then(|| kept.join("&"))
 }
 
 #[cfg(test)]
@@ -209,6 +214,12 @@ mod tests {
             "?ids=1,2"
         );
         assert_eq!(api_version("/v26.0/x"), Some("v26.0"));
+        assert_eq!(
+            query_without(Some("a=1&batch=x&b=%2C"), &["batch"]).as_deref(),
+            Some("a=1&b=%2C")
+        );
+        assert_eq!(query_without(Some("batch=x"), &["batch"]), None);
+        assert_eq!(query_without(None, &["batch"]), None);
         assert_eq!(api_version("/x"), None);
     }
 

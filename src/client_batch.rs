@@ -20,8 +20,10 @@ use crate::cache::{CachedResponse, Freshness};
 use crate::dispatch::Answer;
 use crate::error::ProxyError;
 use crate::handler::{cache_status, full_body, Cacheable, Handled, Proxy, Settled};
-use crate::headers::{client_cache_control, if_none_match_matches, strip_hop_by_hop};
-use crate::key::{authorization_token, cache_key, QueryParams};
+use crate::headers::{
+    client_cache_control, if_none_match_matches, is_media_type, strip_hop_by_hop,
+};
+use crate::key::{authorization_credential, cache_key, QueryParams};
 use crate::metrics::Outcome;
 use crate::routes::{objects_of, ObjectId};
 use crate::upstream::UpstreamTimer;
@@ -80,19 +82,16 @@ pub fn parse(
     content_type: Option<&HeaderValue>,
     body: &[u8],
 ) -> Result<Option<ClientBatch>, BatchInputError> {
-    let is_json = content_type.is_some_and(|ct| {
-        ct.as_bytes()
-            .to_ascii_lowercase()
-            .starts_with(b"application/json")
-    });
+    let is_json = is_media_type(content_type, "application/json");
     let mut top_level = Vec::new();
     let mut batch: Option<Value> = None;
     let mut include_headers = None;
-    if is_json && !body.trim_ascii().is_empty() {
-        let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(body) else {
-            return Err(BatchInputError::Json(
-                "the request body is not a JSON object".into(),
-            ));
+    if is_json {
+        // A JSON body that is not an object carries no parameters: such a
+        // POST is a batch only if its query string says so.
+        let object = match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(object)) => object,
+            _ => Map::new(),
         };
         for (name, value) in object {
             match name.as_str() {
@@ -266,9 +265,7 @@ impl Item {
             return true;
         }
         let (_, query) = self.single_target("/");
-        QueryParams::parse(query.as_deref())
-            .get("method")
-            .is_some_and(|m| !m.eq_ignore_ascii_case("get"))
+        QueryParams::parse(query.as_deref()).overrides_to_write()
     }
 }
 
@@ -410,7 +407,7 @@ impl Proxy {
                     .map(|(_, v)| v.as_str())
             })
             .map(str::to_owned);
-        let header_token = authorization_token(&parts.headers);
+        let header_token = authorization_credential(&parts.headers);
         let user_agent = parts
             .headers
             .get(header::USER_AGENT)
@@ -435,7 +432,7 @@ impl Proxy {
                 continue;
             }
             let token = query.get("access_token").or(top_token.as_deref());
-            let identity = self.tokens.identify(token, header_token);
+            let identity = self.tokens.identify(token, header_token.as_deref());
             let key = cache_key(&path, &query, user_agent, &identity);
             let objects: Arc<[ObjectId]> = objects_of(&path, query.iter()).into();
             let entry = self.store.get(&key).await;
@@ -567,7 +564,7 @@ impl Proxy {
             );
             form.finish()
         };
-        let query = without_params(parts.uri.query(), &["batch", "include_headers"]);
+        let query = crate::batch::query_without(parts.uri.query(), &["batch", "include_headers"]);
         let target = match query {
             Some(q) => format!("{}?{q}", parts.uri.path()),
             None => parts.uri.path().to_owned(),
@@ -703,23 +700,6 @@ fn set_if_none_match(item: &mut Item, tag: &str) {
         .collect();
     headers.push(Value::String(format!("If-None-Match: {tag}")));
     item.raw.insert("headers".into(), Value::Array(headers));
-}
-
-/// The query string without the named parameters, as sent otherwise.
-fn without_params(query: Option<&str>, names: &[&str]) -> Option<String> {
-    let kept: Vec<&str> = query?
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .filter(|pair| {
-            let name = pair.split('=').next().unwrap_or("");
-            let name = form_urlencoded::parse(name.as_bytes())
-                .next()
-                .map(|(n, _)| n.into_owned())
-                .unwrap_or_default();
-            !names.contains(&name.as_str())
-        })
-        .collect();
-    (!kept.is_empty()).then(|| kept.join("&"))
 }
 
 fn cache_status_hit(items: usize) -> HeaderValue {

@@ -448,11 +448,7 @@ impl RawConfig {
                 self.connect_timeout,
                 5,
             )?),
-            upstream_timeout: Duration::from_secs(positive(
-                "upstream_timeout",
-                self.upstream_timeout,
-                60,
-            )?),
+            upstream_timeout: Duration::from_secs(upstream_timeout),
             header_read_timeout: Duration::from_secs(positive(
                 "header_read_timeout",
                 self.header_read_timeout,

@@ -116,15 +116,16 @@ impl Proxy {
                 if first && !settings.window.is_zero() && group.in_flight < settings.max_in_flight {
                     // A collection window: the first queued GET opens it.
                     group.in_flight += 1;
-                    let proxy = self.clone();
                     let window = settings.window;
-                    let key = key.clone();
+                    // The slot exists before the task: it is freed even if
+                    // the task never runs.
+                    let slot = Slot {
+                        proxy: self.clone(),
+                        group: Some(key.clone()),
+                    };
                     tokio::spawn(async move {
                         tokio::time::sleep(window).await;
-                        drop(Slot {
-                            proxy,
-                            group: Some(key),
-                        });
+                        drop(slot);
                     });
                 }
                 Ok(waiting)
@@ -161,12 +162,13 @@ impl Proxy {
         group.in_flight += 1;
         self.metrics.packing.queued.sub(items.len() as i64);
         drop(groups);
+        let slot = Slot {
+            proxy: self.clone(),
+            group: Some(key),
+        };
         let proxy = self.clone();
         tokio::spawn(async move {
-            let _slot = Slot {
-                proxy: proxy.clone(),
-                group: Some(key),
-            };
+            let _slot = slot;
             proxy.run_batch(items).await;
         });
     }
@@ -282,6 +284,11 @@ impl Proxy {
             &self.metrics,
         );
         if answer.status != StatusCode::OK {
+            if crate::usage::throttle_error(&answer.body).is_some() {
+                // Retrying each item alone would spend quota Graph just
+                // refused: every waiter gets the throttling answer instead.
+                return Ok(items.iter().map(|_| Some(answer.clone())).collect());
+            }
             return Err(ProxyError::BatchFailed(format!(
                 "the batch was answered {}",
                 answer.status

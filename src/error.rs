@@ -23,7 +23,7 @@ pub enum ProxyError {
     Connect,
     #[error("request headers are larger than the configured limit of {limit} bytes")]
     HeadersTooLarge { limit: usize },
-    #[error("request body is larger than the configured limit of {limit} bytes")]
+    #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
     #[error("reading the request body failed: {0}")]
     ClientBody(#[source] Arc<hyper::Error>),

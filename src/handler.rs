@@ -22,9 +22,9 @@ use crate::dispatch::{Answer, GroupKey, Groups, UpstreamGet};
 use crate::error::ProxyError;
 use crate::headers::{
     accepts_gzip, age_value, client_cache_control, header_bytes, if_none_match_matches, is_encoded,
-    strip_hop_by_hop, strip_per_call,
+    is_media_type, strip_hop_by_hop, strip_per_call,
 };
-use crate::key::{authorization_token, cache_key, CacheKey, QueryParams, TokenHasher};
+use crate::key::{authorization_credential, cache_key, CacheKey, QueryParams, TokenHasher};
 use crate::metrics::{Metrics, Outcome};
 use crate::redact::redact_target;
 use crate::routes::{objects_of, CachePolicy, ObjectId};
@@ -137,10 +137,7 @@ impl Proxy {
         let params = QueryParams::parse(uri.query());
         let method = request.method().clone();
         if method == Method::GET || method == Method::HEAD {
-            let write_override = params
-                .get("method")
-                .is_some_and(|m| !m.eq_ignore_ascii_case("get") && !m.eq_ignore_ascii_case("head"));
-            if write_override {
+            if params.overrides_to_write() {
                 return self.write(request, &params, Outcome::Write, timer).await;
             }
             return self.read(request, &params, timer).await;
@@ -177,7 +174,7 @@ impl Proxy {
         }
         let identity = self.tokens.identify(
             params.get("access_token"),
-            authorization_token(&parts.headers),
+            authorization_credential(&parts.headers).as_deref(),
         );
         let user_agent = parts
             .headers
@@ -715,18 +712,35 @@ impl Proxy {
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = self.upstream.uri_for(parts.uri.path_and_query());
         *request.headers_mut() = headers;
-        let response = self.upstream.send(request, &self.metrics, timer).await?;
         let objects = objects_of(
             parts.uri.path(),
             params
                 .iter()
                 .chain(body_params.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
         );
-        let response = self.observe_relayed(response, &objects).await?;
-        if outcome == Outcome::Write && response.status().is_success() {
-            let dropped = self.store.invalidate_objects(&objects).await;
-            self.metrics.count_invalidated(dropped);
+        // The exchange and its invalidation run in their own task: a client
+        // that disconnects mid-write cannot leave stale entries behind.
+        let proxy = self.clone();
+        let is_write = outcome == Outcome::Write;
+        let exchange = tokio::spawn(async move {
+            let timer = UpstreamTimer::default();
+            let result = match proxy.upstream.send(request, &proxy.metrics, &timer).await {
+                Ok(response) => proxy.observe_relayed(response, &objects).await,
+                Err(error) => Err(error),
+            };
+            // Invalidate unless Graph rejected the write (4xx): a 2xx applied
+            // it, and a 5xx, a timeout or a broken connection may have.
+            let rejected = matches!(&result, Ok(r) if r.status().is_client_error());
+            if is_write && !rejected {
+                proxy.invalidate(&objects).await;
+            }
+            (result, timer.micros())
+        });
+        let (result, upstream_us) = exchange.await.map_err(|_| ProxyError::FlightLost)?;
+        if let Some(us) = upstream_us {
+            timer.add(Duration::from_micros(us));
         }
+        let response = result?;
         check_encoding(&parts.headers, response.headers())?;
         let status = cache_status("method", Some(response.status().as_u16()), false, None);
         Ok(relay(&parts, response, status, outcome))
@@ -990,24 +1004,14 @@ fn storable_body(body: &Bytes) -> bool {
 }
 
 fn parseable_write_body(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            let ct = ct.to_ascii_lowercase();
-            ct.starts_with("application/x-www-form-urlencoded")
-                || ct.starts_with("application/json")
-        })
+    let content_type = headers.get(header::CONTENT_TYPE);
+    is_media_type(content_type, "application/x-www-form-urlencoded")
+        || is_media_type(content_type, "application/json")
 }
 
 /// Top-level parameters of a form or JSON write body, for object ids.
 fn write_body_params(headers: &HeaderMap, body: &[u8]) -> Vec<(String, String)> {
-    let is_json = headers.get(header::CONTENT_TYPE).is_some_and(|v| {
-        v.as_bytes()
-            .to_ascii_lowercase()
-            .starts_with(b"application/json")
-    });
-    if !is_json {
+    if !is_media_type(headers.get(header::CONTENT_TYPE), "application/json") {
         return form_urlencoded::parse(body)
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();

@@ -167,6 +167,15 @@ pub fn accepts_gzip(headers: &HeaderMap) -> bool {
 /// Ages with a value built once, so a hit's `Age` header costs no allocation.
 const SHARED_AGES: u64 = 3600;
 
+/// True when a `Content-Type` value names `media_type` (any parameters,
+/// any case).
+pub fn is_media_type(content_type: Option<&HeaderValue>, media_type: &str) -> bool {
+    content_type
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(media_type))
+}
+
 /// An `Age` header value (whole seconds).
 pub fn age_value(seconds: u64) -> HeaderValue {
     static AGES: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
@@ -322,6 +331,19 @@ mod tests {
         assert!(is_encoded(&map(&[("content-encoding", "gzip")])));
         assert!(!is_encoded(&map(&[("content-encoding", "identity")])));
         assert!(!is_encoded(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn media_types() {
+        let json = HeaderValue::from_static("Application/JSON; charset=utf-8");
+        assert!(is_media_type(Some(&json), "application/json"));
+        assert!(!is_media_type(
+            Some(&json),
+            "application/x-www-form-urlencoded"
+        ));
+        let jsonp = HeaderValue::from_static("application/jsonp");
+        assert!(!is_media_type(Some(&jsonp), "application/json"));
+        assert!(!is_media_type(None, "application/json"));
     }
 
     #[test]

@@ -34,13 +34,6 @@ impl fmt::Debug for CacheKey {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct TokenIdentity([u8; 32]);
 
-impl TokenIdentity {
-    /// Short, non-reversible label for debugging; never the token.
-    pub fn short(&self) -> String {
-        self.0[..4].iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
-
 /// Hashes tokens into identities with a per-process secret key.
 #[derive(Clone)]
 pub struct TokenHasher {
@@ -82,17 +75,33 @@ impl TokenHasher {
     }
 }
 
-/// The token in an `Authorization: OAuth <t>` or `Authorization: Bearer <t>`
-/// header, if any.
-pub fn authorization_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, token) = value.split_once(' ')?;
-    if scheme.eq_ignore_ascii_case("oauth") || scheme.eq_ignore_ascii_case("bearer") {
-        let token = token.trim();
-        (!token.is_empty()).then_some(token)
-    } else {
-        None
+/// The caller's credential from `Authorization`: the token of a single
+/// `OAuth <t>` or `Bearer <t>` header; otherwise, when any `Authorization`
+/// header is present, all of their values (marked so they cannot equal a
+/// token). A request whose headers authenticate it never falls into the
+/// anonymous identity.
+pub fn authorization_credential(headers: &HeaderMap) -> Option<Cow<'_, str>> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let first = values.next()?;
+    if values.next().is_none() {
+        if let Some(token) = oauth_or_bearer(first) {
+            return Some(Cow::Borrowed(token));
+        }
     }
+    let mut raw = String::from("\0raw:");
+    for value in headers.get_all(AUTHORIZATION) {
+        raw.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        raw.push('\n');
+    }
+    Some(Cow::Owned(raw))
+}
+
+fn oauth_or_bearer(value: &http::HeaderValue) -> Option<&str> {
+    let value = value.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(|c: char| c.is_ascii_whitespace())?;
+    let token = token.trim();
+    let known = scheme.eq_ignore_ascii_case("oauth") || scheme.eq_ignore_ascii_case("bearer");
+    (known && !token.is_empty()).then_some(token)
 }
 
 /// A request's query string, decoded once and sorted by parameter name
@@ -129,6 +138,13 @@ impl<'a> QueryParams<'a> {
     /// True when `name` is present, whatever its value.
     pub fn contains(&self, name: &str) -> bool {
         self.get(name).is_some()
+    }
+
+    /// True when a `method` parameter turns a GET into a write
+    /// (`method=post`, `method=delete`): never cached, never coalesced.
+    pub fn overrides_to_write(&self) -> bool {
+        self.get("method")
+            .is_some_and(|m| !m.eq_ignore_ascii_case("get") && !m.eq_ignore_ascii_case("head"))
     }
 
     /// All pairs, sorted by name.
@@ -211,14 +227,21 @@ mod tests {
     }
 
     #[test]
-    fn authorization_schemes() {
+    fn authorization_credentials() {
         let mut h = HeaderMap::new();
+        assert_eq!(authorization_credential(&h), None);
         h.insert(AUTHORIZATION, HeaderValue::from_static("OAuth abc"));
-        assert_eq!(authorization_token(&h), Some("abc"));
-        h.insert(AUTHORIZATION, HeaderValue::from_static("bearer  xyz "));
-        assert_eq!(authorization_token(&h), Some("xyz"));
+        assert_eq!(authorization_credential(&h).as_deref(), Some("abc"));
+        h.insert(AUTHORIZATION, HeaderValue::from_static("bearer\txyz "));
+        assert_eq!(authorization_credential(&h).as_deref(), Some("xyz"));
+        // Other schemes and repeated headers still identify the caller.
         h.insert(AUTHORIZATION, HeaderValue::from_static("Basic dXNlcg=="));
-        assert_eq!(authorization_token(&h), None);
+        let basic = authorization_credential(&h).unwrap().into_owned();
+        assert!(basic.contains("Basic dXNlcg=="));
+        h.append(AUTHORIZATION, HeaderValue::from_static("OAuth abc"));
+        let both = authorization_credential(&h).unwrap().into_owned();
+        assert_ne!(both, basic);
+        assert_ne!(both, "abc");
     }
 
     #[test]
@@ -227,6 +250,15 @@ mod tests {
         assert_eq!(q.get("b"), Some("2"));
         assert_eq!(q.get("a"), Some("1"));
         assert_eq!(q.get("c"), None);
+    }
+
+    #[test]
+    fn method_overrides() {
+        assert!(QueryParams::parse(Some("method=POST")).overrides_to_write());
+        assert!(QueryParams::parse(Some("method=delete")).overrides_to_write());
+        assert!(!QueryParams::parse(Some("method=get")).overrides_to_write());
+        assert!(!QueryParams::parse(Some("method=head")).overrides_to_write());
+        assert!(!QueryParams::parse(None).overrides_to_write());
     }
 
     #[test]

@@ -184,8 +184,7 @@ impl RateLimits {
                                     .with_label_values(&[&label, kind])
                                     .set(regain);
                                 if let Some(object) = ObjectId::parse(id) {
-                                    let blocked =
-                                        (regain > 0.0).then(|| Duration::from_secs_f64(regain));
+                                    let blocked = (regain > 0.0).then(|| seconds(regain));
                                     updates.push((
                                         Scope::Object(object),
                                         max_ratio(&[e.call_count, e.total_time, e.total_cputime]),
@@ -237,7 +236,7 @@ impl RateLimits {
                 .map_or(0.0, |(r, _)| r);
             state.usage = Some((ratio.max(previous), now));
             if let Some(wait) = blocked {
-                state.throttled_until = Some(now + wait);
+                state.throttled_until = now.checked_add(wait);
                 if state.code == 0 {
                     state.code = 80_000;
                 }
@@ -284,7 +283,7 @@ impl RateLimits {
                     .fold(0.0_f64, f64::max);
                 if let (true, Some(object)) = (exhausted, ObjectId::parse(id)) {
                     let wait = if regain > 0.0 {
-                        Duration::from_secs_f64(regain * 60.0)
+                        seconds(regain * 60.0)
                     } else {
                         self.settings.backoff
                     };
@@ -298,7 +297,7 @@ impl RateLimits {
                 .and_then(|v| usage::parse_ad_account(v.as_bytes()).ok())
                 .and_then(|u| u.reset_time_duration)
                 .filter(|s| *s > 0.0)
-                .map(Duration::from_secs_f64);
+                .map(seconds);
             let wait = reset.unwrap_or(self.settings.backoff);
             let scope = match (code, objects.first()) {
                 (4 | 341, _) | (_, None) => Scope::App,
@@ -315,7 +314,7 @@ impl RateLimits {
                 code,
                 usage: None,
             });
-            state.throttled_until = Some(now + wait);
+            state.throttled_until = now.checked_add(wait);
             state.code = code;
         }
     }
@@ -407,6 +406,23 @@ pub fn stretch(fresh_ttl: Duration, usage: f64, from: Option<f64>, max: Duration
     }
     let share = ((usage - from) / (1.0 - from).max(f64::EPSILON)).clamp(0.0, 1.0);
     fresh_ttl + (max - fresh_ttl).mul_f64(share)
+}
+
+/// Longest wait graphcache honours from a header: Graph's own windows are an
+/// hour at most, so anything longer is treated as a day.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// A wait from a header value in seconds, clamped (huge, negative or NaN
+/// values must never panic or overflow).
+fn seconds(value: f64) -> Duration {
+    Duration::try_from_secs_f64(value).map_or(
+        if value > 0.0 {
+            MAX_WAIT
+        } else {
+            Duration::ZERO
+        },
+        |d| d.min(MAX_WAIT),
+    )
 }
 
 fn max_ratio(values: &[Option<f64>]) -> f64 {
@@ -573,6 +589,35 @@ mod tests {
             .with_label_values(&["other", "ads_management", "call_count"])
             .get();
         assert_eq!(other, 0.03);
+    }
+
+    #[test]
+    fn absurd_waits_in_headers_are_clamped_not_fatal() {
+        assert_eq!(seconds(1e300), MAX_WAIT);
+        assert_eq!(seconds(f64::INFINITY), MAX_WAIT);
+        assert_eq!(seconds(-5.0), Duration::ZERO);
+        assert_eq!(seconds(f64::NAN), Duration::ZERO);
+        let limits = RateLimits::new(ThrottleSettings::default());
+        let metrics = Metrics::new();
+        let h = headers(&[
+            (
+                "x-business-use-case-usage",
+                r#"{"9":[{"type":"pages","call_count":100,"estimated_time_to_regain_access":1e300}]}"#,
+            ),
+            (
+                "x-ad-account-usage",
+                r#"{"acc_id_util_pct":100,"reset_time_duration":1e308}"#,
+            ),
+        ]);
+        limits.observe_answer(
+            StatusCode::BAD_REQUEST,
+            &h,
+            br#"{"error":{"code":80001}}"#,
+            &objects_of("/v1/9", []),
+            &metrics,
+        );
+        let (wait, _) = limits.verdict(&objects_of("/v1/9", [])).throttled.unwrap();
+        assert!(wait <= MAX_WAIT);
     }
 
     #[test]

@@ -2,8 +2,15 @@
 
 use crate::key::CREDENTIAL_PARAMS;
 
-/// Further query parameters that carry secrets in OAuth flows.
-const OTHER_SECRETS: [&str; 4] = ["client_secret", "fb_exchange_token", "input_token", "code"];
+/// Further query parameters that carry secrets: OAuth flows, and `batch`,
+/// whose items may carry their own `access_token`.
+const OTHER_SECRETS: [&str; 5] = [
+    "client_secret",
+    "fb_exchange_token",
+    "input_token",
+    "code",
+    "batch",
+];
 
 /// The path and query with every credential value replaced by `REDACTED`.
 /// Works on the raw text so the logged URL looks like what was sent.

@@ -165,10 +165,6 @@ pub struct ObjectId(Box<str>);
 impl ObjectId {
     /// An object id from a path segment or parameter value (`act_` dropped).
     pub fn parse(raw: &str) -> Option<Self> {
-        Self::new(raw)
-    }
-
-    fn new(raw: &str) -> Option<Self> {
         let raw = raw.trim();
         let bare = raw.strip_prefix("act_").unwrap_or(raw);
         if bare.is_empty() || !bare.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
@@ -182,25 +178,31 @@ impl ObjectId {
     }
 }
 
-/// The objects a request concerns: the node after the version
-/// (`act_123` in `/v26.0/act_123/ads`) and every id named by an `ids`,
-/// `id`, `*_id` or `*_ids` parameter. Sorted and deduplicated.
+/// The objects a request concerns: first the node after the version
+/// (`act_123` in `/v26.0/act_123/ads`), then, sorted and deduplicated, every
+/// id named by an `ids`, `id`, `*_id` or `*_ids` parameter. The node comes
+/// first because usage headers without an id (X-Ad-Account-Usage) speak
+/// about it.
 pub fn objects_of<'a>(
     path: &str,
     params: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> Vec<ObjectId> {
-    let mut objects = Vec::new();
-    if let Some(node) = split_path(strip_version(path)).next() {
-        objects.extend(ObjectId::new(node));
-    }
+    let node = split_path(strip_version(path))
+        .next()
+        .and_then(ObjectId::parse);
+    let mut named = Vec::new();
     for (name, value) in params {
         if name == "ids" || name == "id" || name.ends_with("_id") || name.ends_with("_ids") {
-            objects.extend(ids_in(value));
+            named.extend(ids_in(value));
         }
     }
-    objects.sort();
-    objects.dedup();
-    objects
+    named.sort();
+    named.dedup();
+    if let Some(node) = node {
+        named.retain(|o| *o != node);
+        named.insert(0, node);
+    }
+    named
 }
 
 /// Id-looking tokens (`123`, `act_123`) in a parameter value, which may be a
@@ -212,7 +214,7 @@ fn ids_in(value: &str) -> impl Iterator<Item = ObjectId> + '_ {
             let bare = t.strip_prefix("act_").unwrap_or(t);
             !bare.is_empty() && bare.bytes().all(|b| b.is_ascii_digit())
         })
-        .filter_map(ObjectId::new)
+        .filter_map(ObjectId::parse)
 }
 
 #[cfg(test)]
@@ -301,6 +303,13 @@ mod tests {
             .map(|o| o.as_str().to_owned())
             .collect();
         assert_eq!(got, ["123", "42", "7", "8"]);
+        // The node leads even when a parameter id sorts before it.
+        let q = QueryParams::parse(Some("adset_id=55"));
+        let got: Vec<String> = objects_of("/v26.0/act_9/ads", q.iter())
+            .iter()
+            .map(|o| o.as_str().to_owned())
+            .collect();
+        assert_eq!(got, ["9", "55"]);
         assert!(objects_of("/v26.0/", []).is_empty());
         assert_eq!(objects_of("/me/feed", [])[0].as_str(), "me");
     }

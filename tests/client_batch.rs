@@ -399,11 +399,25 @@ async fn malformed_batches_are_refused_before_anything_is_forwarded() {
             Method::POST,
             "/v26.0/?access_token=EAAtokenA",
             &[JSON],
-            "{not json",
+            r#"{"batch":"[not json"}"#,
         )
         .await;
     assert_eq!(reply.status, 400);
     assert_eq!(h.mock.requests(), 0);
+    // A JSON POST that is not an object and names no batch is just a write.
+    let write = h
+        .send(
+            Method::POST,
+            "/v26.0/act_1/ads?access_token=EAAtokenA",
+            &[JSON],
+            "[1,2]",
+        )
+        .await;
+    assert_eq!(
+        write.cache_status(),
+        "graphcache; fwd=method; fwd-status=200"
+    );
+    assert_eq!(h.mock.writes(), 1);
 }
 
 #[tokio::test]
