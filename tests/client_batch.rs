@@ -482,3 +482,26 @@ async fn async_batch_api_passes_through_as_a_write_and_request_sets_revalidate()
         "graphcache; fwd=stale; fwd-status=304"
     );
 }
+
+#[tokio::test]
+async fn a_write_item_answered_null_still_invalidates() {
+    let h = Harness::with(fresh(60)).await;
+    h.get("/v26.0/555?access_token=EAAtokenA").await;
+    h.mock.null_once("555");
+    let items = json!([{"method": "POST", "relative_url": "555", "body": "name=renamed"}]);
+    let reply = h
+        .send(
+            Method::POST,
+            "/v26.0/?access_token=EAAtokenA",
+            &[FORM],
+            &form(&[("batch", &items.to_string())]),
+        )
+        .await;
+    assert!(entries(&reply)[0].is_null());
+    let after = h.get("/v26.0/555?access_token=EAAtokenA").await;
+    assert!(
+        after.cache_status().contains("uri-miss"),
+        "{}",
+        after.cache_status()
+    );
+}

@@ -460,3 +460,85 @@ async fn coalescing_and_packing_can_be_turned_off() {
     }
     assert_eq!((h.mock.requests(), h.mock.batches()), (5, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_starts_after_a_write_does_not_join_an_older_call() {
+    let h = Arc::new(Harness::with(packing(4, 60)).await);
+    h.mock.hold("/act_6/ads");
+    let target = "/v26.0/act_6/ads?access_token=EAAtokenA".to_owned();
+    let before = fire(&h, vec![target.clone()], vec![]);
+    h.mock.wait_for_requests(1).await;
+    // A write to the object lands while that read is upstream.
+    let write = h
+        .send(
+            http::Method::POST,
+            "/v26.0/act_6?access_token=EAAtokenA",
+            &[],
+            "name=new",
+        )
+        .await;
+    assert_eq!(write.status, 200);
+    let after = fire(&h, vec![target.clone()], vec![]);
+    h.mock.wait_for_requests(3).await;
+    h.mock.release();
+    // The later read reached the upstream itself (the third request above)
+    // rather than waiting on the call that started before the write.
+    for reply in replies(before)
+        .await
+        .into_iter()
+        .chain(replies(after).await)
+    {
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(h.mock.requests(), 3);
+    assert_eq!(h.metric("graphcache_coalesced_requests_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_shared_call_serves_a_young_enough_entry() {
+    let h = Arc::new(Harness::with(|c| c.coalesce.wait = Duration::from_secs(1)).await);
+    let target = "/v26.0/act_7/ads?access_token=EAAtokenA";
+    let stored = h.get(target).await;
+    h.mock.hold("/v26.0/");
+    let reply = h.get(target).await;
+    h.mock.release();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, stored.body);
+    assert_eq!(
+        reply.cache_status(),
+        "graphcache; fwd=stale; detail=stale-if-error"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_batch_hands_its_answer_to_every_waiter_without_retries() {
+    let h = Arc::new(Harness::with(packing(1, 60)).await);
+    h.mock.set_batch_failure(BatchFailure::Throttled(4));
+    h.mock.hold("/v26.0/");
+    let first = fire(
+        &h,
+        vec!["/v26.0/950?access_token=EAAtokenA".to_owned()],
+        vec![],
+    );
+    h.mock.wait_for_requests(1).await;
+    let rest = fire(
+        &h,
+        (951..955)
+            .map(|i| format!("/v26.0/{i}?access_token=EAAtokenA"))
+            .collect(),
+        vec![],
+    );
+    h.wait_for_metric(QUEUED, 4.0).await;
+    h.mock.release();
+    replies(first).await;
+    for reply in replies(rest).await {
+        assert_eq!(reply.status, 403);
+        assert_eq!(reply.json()["error"]["code"], 4);
+    }
+    assert_eq!(
+        (h.mock.requests(), h.mock.batches()),
+        (2, 1),
+        "no item retried alone"
+    );
+    assert_eq!(h.metric("graphcache_batch_fallbacks_total").await, 0.0);
+}

@@ -757,3 +757,84 @@ async fn an_encoded_answer_never_reaches_a_client_that_did_not_accept_it() {
     assert_eq!(accepted.header("content-encoding"), Some("gzip"));
     assert!(!accepted.cache_status().contains("stored"));
 }
+
+#[tokio::test]
+async fn writes_that_may_have_applied_invalidate_even_without_an_answer() {
+    let h = Harness::with(|c| {
+        c.routes.default.fresh_ttl = Duration::from_secs(300);
+        c.upstream_timeout = Duration::from_millis(300);
+    })
+    .await;
+    h.get("/v26.0/act_11/ads?access_token=EAAtokenA").await;
+    h.mock.set_delay(Duration::from_secs(1));
+    let timed_out = h
+        .send(
+            Method::POST,
+            "/v26.0/act_11/ads?access_token=EAAtokenA",
+            &[],
+            "name=x",
+        )
+        .await;
+    assert_eq!(timed_out.status, 504);
+    h.mock.set_delay(Duration::ZERO);
+    let after = h.get("/v26.0/act_11/ads?access_token=EAAtokenA").await;
+    assert!(
+        after.cache_status().contains("uri-miss"),
+        "{}",
+        after.cache_status()
+    );
+    assert_eq!(h.mock.writes(), 1);
+}
+
+#[tokio::test]
+async fn a_write_whose_client_disconnects_still_invalidates() {
+    use tokio::io::AsyncWriteExt;
+    let h = Harness::with(fresh(300)).await;
+    h.get("/v26.0/act_12/ads?access_token=EAAtokenA").await;
+    h.mock.hold("/act_12/ads");
+    let mut client = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    client
+        .write_all(b"POST /v26.0/act_12/ads?access_token=EAAtokenA HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nname=x")
+        .await
+        .unwrap();
+    h.mock.wait_for_requests(2).await;
+    drop(client);
+    h.mock.release();
+    // The write completes upstream and its invalidation runs regardless.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.metric("graphcache_cache_invalidated_entries_total").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the write's invalidation never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(h
+        .get("/v26.0/act_12/ads?access_token=EAAtokenA")
+        .await
+        .cache_status()
+        .contains("uri-miss"));
+    assert_eq!(h.mock.writes(), 1);
+}
+
+#[tokio::test]
+async fn any_authorization_header_identifies_the_caller() {
+    let h = Harness::with(fresh(60)).await;
+    h.get_with("/v26.0/70", &[("authorization", "Basic dXNlcjE=")])
+        .await;
+    let other = h
+        .get_with("/v26.0/70", &[("authorization", "Basic dXNlcjI=")])
+        .await;
+    let anonymous = h.get("/v26.0/70").await;
+    assert!(
+        other.cache_status().contains("uri-miss"),
+        "{}",
+        other.cache_status()
+    );
+    assert!(
+        anonymous.cache_status().contains("uri-miss"),
+        "{}",
+        anonymous.cache_status()
+    );
+    assert_eq!(h.mock.requests(), 3);
+}

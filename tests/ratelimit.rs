@@ -305,3 +305,24 @@ async fn id_labels_are_bounded() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn ad_account_usage_attaches_to_the_account_in_the_path() {
+    let h = Harness::start().await;
+    h.mock.set_usage(&[(
+        "x-ad-account-usage",
+        r#"{"acc_id_util_pct":50,"reset_time_duration":10}"#,
+    )]);
+    h.get("/v26.0/act_9/ads?adset_id=55&access_token=EAAtokenA")
+        .await;
+    assert_eq!(
+        h.metric("graphcache_graph_ad_account_usage_ratio{account=\"9\"}")
+            .await,
+        0.5
+    );
+    assert!(!h
+        .admin_get("/metrics")
+        .await
+        .text()
+        .contains("account=\"55\""));
+}

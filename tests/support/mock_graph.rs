@@ -64,6 +64,8 @@ pub enum BatchFailure {
     NotArray,
     /// Answer an array one entry short.
     WrongLength,
+    /// Answer with Graph's throttling error for this code.
+    Throttled(i64),
 }
 
 #[derive(Default)]
@@ -411,6 +413,7 @@ fn run_batch(
                 "",
             )
         }
+        BatchFailure::Throttled(code) => return throttled(code, &[]),
         BatchFailure::WrongLength => {
             return json_response(StatusCode::OK, json!([]), &HeaderMap::new(), "")
         }
