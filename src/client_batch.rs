@@ -496,13 +496,7 @@ impl Proxy {
                 return Err(error);
             }
         };
-        self.limits.observe_answer(
-            answer.status,
-            &answer.headers,
-            &answer.body,
-            &[],
-            &self.metrics,
-        );
+        self.observe(&answer, &[]);
         if answer.status != StatusCode::OK {
             // The batch failed as a whole upstream: relay Graph's answer.
             let status = cache_status("method", Some(answer.status.as_u16()), false, None);

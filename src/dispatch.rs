@@ -220,13 +220,7 @@ impl Proxy {
         *request.headers_mut() = get.headers;
         self.metrics.packing.single_calls.inc();
         let answer = self.exchange(request).await?;
-        self.limits.observe_answer(
-            answer.status,
-            &answer.headers,
-            &answer.body,
-            &get.objects,
-            &self.metrics,
-        );
+        self.observe(&answer, &get.objects);
         Ok(answer)
     }
 
@@ -276,13 +270,7 @@ impl Proxy {
         self.metrics.packing.batch_calls.inc();
         self.metrics.packing.batch_items.observe(items.len() as f64);
         let answer = self.exchange(request).await?;
-        self.limits.observe_answer(
-            answer.status,
-            &answer.headers,
-            &answer.body,
-            &[],
-            &self.metrics,
-        );
+        self.observe(&answer, &[]);
         if answer.status != StatusCode::OK {
             if crate::usage::throttle_error(&answer.body).is_some() {
                 // Retrying each item alone would spend quota Graph just

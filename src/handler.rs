@@ -224,6 +224,18 @@ impl Proxy {
         self.respond(&parts, &outcome)
     }
 
+    /// Reads the usage headers and any throttling error of a collected
+    /// upstream answer about `objects`.
+    pub(crate) fn observe(&self, answer: &Answer, objects: &[ObjectId]) {
+        self.limits.observe_answer(
+            answer.status,
+            &answer.headers,
+            &answer.body,
+            objects,
+            &self.metrics,
+        );
+    }
+
     /// Drops every entry of `objects` after a write (that succeeded, or may
     /// have), and counts them.
     pub(crate) async fn invalidate(&self, objects: &[ObjectId]) {
@@ -252,55 +264,47 @@ impl Proxy {
             return Ok(None);
         }
         let avoided = &self.metrics.usage.avoided;
-        match entry.filter(|e| e.freshness(now) != Freshness::Expired) {
-            Some(entry) if verdict.throttled.is_some() => {
-                avoided.throttled.inc();
-                let status = HeaderValue::from_static("graphcache; hit; detail=throttled");
-                Ok(Some(serve_entry(
-                    parts,
-                    entry,
-                    now,
-                    status,
-                    Outcome::Throttled,
-                )))
-            }
-            Some(entry) if verdict.usage >= self.limits.settings.pressure_threshold => {
-                avoided.pressure.inc();
-                let status = HeaderValue::from_static("graphcache; hit; detail=quota-pressure");
-                Ok(Some(serve_entry(
-                    parts,
-                    entry,
-                    now,
-                    status,
-                    Outcome::Pressure,
-                )))
-            }
-            Some(entry)
-                if !revalidation_asked
-                    && entry.age(now)
-                        < self
-                            .limits
-                            .stretched_ttl(entry.policy.fresh_ttl, verdict.usage) =>
-            {
-                avoided.pressure.inc();
-                let status = HeaderValue::from_static("graphcache; hit; detail=quota-ttl");
-                Ok(Some(serve_entry(
-                    parts,
-                    entry,
-                    now,
-                    status,
-                    Outcome::Pressure,
-                )))
-            }
-            None => match verdict.throttled {
+        let Some(entry) = entry.filter(|e| e.freshness(now) != Freshness::Expired) else {
+            return match verdict.throttled {
                 Some((remaining, code)) if self.limits.settings.answer_locally => {
                     avoided.throttled.inc();
                     Err(ProxyError::Throttled { code, remaining })
                 }
                 _ => Ok(None),
-            },
-            Some(_) => Ok(None),
-        }
+            };
+        };
+        let stretched = self
+            .limits
+            .stretched_ttl(entry.policy.fresh_ttl, verdict.usage);
+        let (detail, outcome, counter) = if verdict.throttled.is_some() {
+            (
+                "graphcache; hit; detail=throttled",
+                Outcome::Throttled,
+                &avoided.throttled,
+            )
+        } else if verdict.usage >= self.limits.settings.pressure_threshold {
+            (
+                "graphcache; hit; detail=quota-pressure",
+                Outcome::Pressure,
+                &avoided.pressure,
+            )
+        } else if !revalidation_asked && entry.age(now) < stretched {
+            (
+                "graphcache; hit; detail=quota-ttl",
+                Outcome::Pressure,
+                &avoided.pressure,
+            )
+        } else {
+            return Ok(None);
+        };
+        counter.inc();
+        Ok(Some(serve_entry(
+            parts,
+            entry,
+            now,
+            HeaderValue::from_static(detail),
+            outcome,
+        )))
     }
 
     /// The upstream GET for a cacheable read: a revalidation with the stored
