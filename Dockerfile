@@ -5,6 +5,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY examples ./examples
 COPY tests ./tests
+COPY benches ./benches
 RUN cargo build --release --locked --bin graphcache
 
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -367,6 +367,7 @@ mod tests {
             fresh_ttl: Duration::from_secs(fresh),
             max_stale: Duration::from_secs(stale),
             cache: true,
+            always_revalidate: false,
         }
     }
 

@@ -19,12 +19,13 @@ use crate::body::ResponseBody;
 use crate::cache::{CachedResponse, Freshness};
 use crate::dispatch::Answer;
 use crate::error::ProxyError;
-use crate::handler::{cache_status, full_body, Cacheable, Handled, Proxy, Settled};
+use crate::handler::{cache_status, full_body, Cacheable, Handled, Protection, Proxy, Settled};
 use crate::headers::{
     client_cache_control, if_none_match_matches, is_media_type, strip_hop_by_hop,
 };
 use crate::key::{authorization_credential, cache_key, QueryParams};
 use crate::metrics::Outcome;
+use crate::ratelimit::Subject;
 use crate::routes::{objects_of, ObjectId};
 use crate::upstream::UpstreamTimer;
 
@@ -397,16 +398,16 @@ impl Proxy {
         let outer_path = parts.uri.path();
         let standalone = standalone(&batch, outer_path);
         let control = client_cache_control(&parts.headers);
-        let top_token = params
-            .get("access_token")
-            .or_else(|| {
-                batch
-                    .top_level
-                    .iter()
-                    .find(|(k, _)| k == "access_token")
-                    .map(|(_, v)| v.as_str())
-            })
-            .map(str::to_owned);
+        let body_token = batch
+            .top_level
+            .iter()
+            .find(|(k, _)| k == "access_token")
+            .map(|(_, v)| v.as_str());
+        let top_token = params.get("access_token").or(body_token).map(str::to_owned);
+        // Two different tokens for one batch: which one Graph uses is not
+        // ours to guess, so nothing of this batch touches the cache.
+        let ambiguous_token = params.count("access_token") > 1
+            || matches!((params.get("access_token"), body_token), (Some(q), Some(b)) if q != b);
         let header_token = authorization_credential(&parts.headers);
         let user_agent = parts
             .headers
@@ -415,24 +416,27 @@ impl Proxy {
         let ticket = self.store.read_ticket();
         let now = Instant::now();
         let mut plans = Vec::with_capacity(batch.items.len());
+        let mut subjects = Vec::with_capacity(batch.items.len());
         for (item, standalone) in batch.items.iter_mut().zip(&standalone) {
+            let (path, query) = item.single_target(outer_path);
+            let query = QueryParams::parse(query.as_deref());
+            let token = query.get("access_token").or(top_token.as_deref());
+            let identity = self.tokens.identify(token, header_token.as_deref());
+            subjects.push(Subject::of_request(&path, Some(identity)));
             if item.is_write() {
                 plans.push(Plan::Write(item.objects(outer_path)));
                 continue;
             }
-            if !standalone || control.no_store {
-                plans.push(Plan::Pass);
-                continue;
-            }
-            let (path, query) = item.single_target(outer_path);
-            let query = QueryParams::parse(query.as_deref());
             let policy = self.config.routes.policy_for(&path);
-            if !policy.cache {
+            if !standalone
+                || control.no_store
+                || ambiguous_token
+                || query.count("access_token") > 1
+                || !policy.cache
+            {
                 plans.push(Plan::Pass);
                 continue;
             }
-            let token = query.get("access_token").or(top_token.as_deref());
-            let identity = self.tokens.identify(token, header_token.as_deref());
             let key = cache_key(&path, &query, user_agent, &identity);
             let objects: Arc<[ObjectId]> = objects_of(&path, query.iter()).into();
             let entry = self.store.get(&key).await;
@@ -441,6 +445,26 @@ impl Proxy {
                     self.metrics.client_batch_items.hit.inc();
                     self.metrics.usage.avoided.fresh_hit.inc();
                     plans.push(Plan::Local(local_entry(item, entry, batch.include_headers)));
+                    continue;
+                }
+            }
+            match self.protection(entry.as_deref(), &objects, identity, control.no_cache, now) {
+                Protection::Forward => {}
+                Protection::Serve(..) => {
+                    let entry = entry
+                        .as_deref()
+                        .expect("protection serves only a stored entry");
+                    plans.push(Plan::Local(local_entry(item, entry, batch.include_headers)));
+                    continue;
+                }
+                Protection::Refuse(error) => {
+                    let envelope = Bytes::from(error.envelope());
+                    plans.push(Plan::Local(reply_entry(
+                        error.status().as_u16(),
+                        &HeaderMap::new(),
+                        Some(&envelope),
+                        batch.include_headers,
+                    )));
                     continue;
                 }
             }
@@ -496,9 +520,16 @@ impl Proxy {
                 return Err(error);
             }
         };
-        self.observe(&answer, &[]);
+        let caller = self
+            .tokens
+            .identify(top_token.as_deref(), header_token.as_deref());
+        self.observe(&answer, &Subject::of_batch(&subjects, Some(caller)));
         if answer.status != StatusCode::OK {
-            // The batch failed as a whole upstream: relay Graph's answer.
+            // The batch failed as a whole upstream: relay Graph's answer. Only
+            // a 4xx says for sure that no write ran.
+            if !answer.status.is_client_error() {
+                self.invalidate(&writes).await;
+            }
             let status = cache_status("method", Some(answer.status.as_u16()), false, None);
             return Ok(Handled::new(
                 answer_to_client(&answer, status),
@@ -513,14 +544,14 @@ impl Proxy {
             }
         };
         let mut upstream = upstream.into_iter();
-        for (plan, item) in plans.into_iter().zip(&batch.items) {
+        for ((plan, item), subject) in plans.into_iter().zip(&batch.items).zip(&subjects) {
             let reply = match plan {
                 Plan::Local(entry) => entry,
                 plan => {
                     let reply = upstream
                         .next()
                         .expect("one upstream entry per forwarded item");
-                    self.settle_item(plan, item, outer_path, reply, batch.include_headers)
+                    self.settle_item(plan, item, subject, reply, batch.include_headers)
                         .await
                 }
             };
@@ -596,7 +627,7 @@ impl Proxy {
         &self,
         plan: Plan,
         item: &Item,
-        outer_path: &str,
+        subject: &Subject,
         reply: Option<ItemReply>,
         include_headers: bool,
     ) -> Value {
@@ -609,10 +640,9 @@ impl Proxy {
             }
             return Value::Null;
         };
-        let objects = item.objects(outer_path);
         let body = reply.body.as_deref().unwrap_or_default();
         self.limits
-            .observe_answer(reply.status, &reply.headers, body, &objects, &self.metrics);
+            .observe_answer(reply.status, &reply.headers, body, subject, &self.metrics);
         let as_is = |r: &ItemReply| {
             reply_entry(
                 r.status.as_u16(),
@@ -625,7 +655,8 @@ impl Proxy {
             Plan::Local(entry) => entry,
             Plan::Pass => as_is(&reply),
             Plan::Write(objects) => {
-                if reply.status.is_success() {
+                // Only a 4xx says for sure the write did not run.
+                if !reply.status.is_client_error() {
                     self.invalidate(&objects).await;
                 }
                 as_is(&reply)

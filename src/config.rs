@@ -331,6 +331,7 @@ impl RawConfig {
             fresh_ttl: secs(self.fresh_ttl, 0),
             max_stale: secs(self.max_stale, 3600),
             cache: true,
+            always_revalidate: false,
         };
         let mut rules = Vec::with_capacity(self.route.len());
         for (i, route) in self.route.into_iter().enumerate() {
@@ -393,10 +394,10 @@ impl RawConfig {
             backoff: Duration::from_secs(positive("throttle_backoff", self.throttle_backoff, 60)?),
             pressure_threshold: ratio("pressure_threshold", self.pressure_threshold, 0.95)?,
             answer_locally: self.throttle_answer_locally.unwrap_or(false),
-            quota_ttl_from: if self.quota_aware_ttl.unwrap_or(false) {
-                Some(ratio("quota_ttl_from", self.quota_ttl_from, 0.75)?)
-            } else {
-                None
+            quota_ttl_from: {
+                // Validated even while off, so a bad value never waits to bite.
+                let from = ratio("quota_ttl_from", self.quota_ttl_from, 0.75)?;
+                self.quota_aware_ttl.unwrap_or(false).then_some(from)
             },
             quota_ttl_max: Duration::from_secs(positive("quota_ttl_max", self.quota_ttl_max, 300)?),
             label_limit: usize_of(
@@ -404,7 +405,7 @@ impl RawConfig {
                 positive("usage_label_limit", self.usage_label_limit, 100)?,
             )?,
         };
-        Ok(Config {
+        let config = Config {
             throttle,
             coalesce: CoalesceSettings {
                 enabled: self.coalesce.unwrap_or(true),
@@ -462,7 +463,51 @@ impl RawConfig {
             access_log: self.access_log.unwrap_or(true),
             log_format,
             log_level,
-        })
+        };
+        config.check_bounds()?;
+        Ok(config)
+    }
+}
+
+/// Longest timeout accepted: a day.
+const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+/// Longest TTL accepted: a year.
+const MAX_TTL: Duration = Duration::from_secs(365 * 86_400);
+
+impl Config {
+    /// Durations are added to clocks: absurd values are refused here rather
+    /// than overflowing at run time.
+    fn check_bounds(&self) -> Result<(), ConfigError> {
+        let mut checks = vec![
+            ("connect_timeout", self.connect_timeout, MAX_TIMEOUT),
+            ("upstream_timeout", self.upstream_timeout, MAX_TIMEOUT),
+            ("header_read_timeout", self.header_read_timeout, MAX_TIMEOUT),
+            ("shutdown_grace", self.shutdown_grace, MAX_TIMEOUT),
+            ("coalesce_wait", self.coalesce.wait, MAX_TIMEOUT),
+            ("throttle_backoff", self.throttle.backoff, MAX_TIMEOUT),
+            ("batch_window_ms", self.packing.window, MAX_TIMEOUT),
+            ("fresh_ttl", self.routes.default.fresh_ttl, MAX_TTL),
+            ("max_stale", self.routes.default.max_stale, MAX_TTL),
+            ("quota_ttl_max", self.throttle.quota_ttl_max, MAX_TTL),
+        ];
+        for rule in &self.routes.rules {
+            checks.extend(rule.fresh_ttl.map(|d| ("route.fresh_ttl", d, MAX_TTL)));
+            checks.extend(rule.max_stale.map(|d| ("route.max_stale", d, MAX_TTL)));
+        }
+        for (key, value, max) in checks {
+            if value > max {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} = {} is too large; expected at most {}",
+                    value.as_secs(),
+                    if key == "batch_window_ms" {
+                        max.as_millis()
+                    } else {
+                        max.as_secs() as u128
+                    }
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -643,6 +688,38 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("path"), "{err}");
+    }
+
+    #[test]
+    fn absurd_durations_and_ratios_are_refused() {
+        let err = load(
+            Cli::default(),
+            &[("GRAPHCACHE_UPSTREAM_TIMEOUT", "9223372036854775807")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("upstream_timeout") && err.contains("too large"),
+            "{err}"
+        );
+        let err = load(
+            Cli {
+                fresh_ttl: Some(u64::MAX / 4),
+                ..Cli::default()
+            },
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("fresh_ttl"), "{err}");
+        // A bad ratio is refused even while the feature it tunes is off.
+        let err = load(Cli::default(), &[("GRAPHCACHE_QUOTA_TTL_FROM", "5")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("quota_ttl_from") && err.contains("at most 1"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -44,8 +44,8 @@ pub struct UpstreamGet {
     pub relative_url: String,
     pub access_token: Option<String>,
     pub appsecret_proof: Option<String>,
-    /// The objects the read concerns, for the usage headers of its answer.
-    pub objects: std::sync::Arc<[crate::routes::ObjectId]>,
+    /// Whom the answer speaks about, for its usage headers.
+    pub subject: crate::ratelimit::Subject,
 }
 
 /// A complete upstream answer to one GET (plain or batch item).
@@ -220,7 +220,7 @@ impl Proxy {
         *request.headers_mut() = get.headers;
         self.metrics.packing.single_calls.inc();
         let answer = self.exchange(request).await?;
-        self.observe(&answer, &get.objects);
+        self.observe(&answer, &get.subject);
         Ok(answer)
     }
 
@@ -270,7 +270,11 @@ impl Proxy {
         self.metrics.packing.batch_calls.inc();
         self.metrics.packing.batch_items.observe(items.len() as f64);
         let answer = self.exchange(request).await?;
-        self.observe(&answer, &[]);
+        let subject = crate::ratelimit::Subject::of_batch(
+            items.iter().map(|q| &q.get.subject),
+            Some(first.group.identity),
+        );
+        self.observe(&answer, &subject);
         if answer.status != StatusCode::OK {
             if crate::usage::throttle_error(&answer.body).is_some() {
                 // Retrying each item alone would spend quota Graph just
@@ -293,7 +297,7 @@ impl Proxy {
                     r.status,
                     &r.headers,
                     body,
-                    &queued.get.objects,
+                    &queued.get.subject,
                     &self.metrics,
                 );
             }

@@ -125,10 +125,10 @@ impl ProxyError {
         }
     }
 
-    /// The Graph-envelope response for this error.
-    pub fn to_response(&self) -> Response<ResponseBody> {
+    /// Graph's error envelope for this error, as JSON text.
+    pub fn envelope(&self) -> String {
         let status = self.status();
-        let envelope = serde_json::json!({
+        serde_json::json!({
             "error": {
                 "message": self.to_string(),
                 "type": self.graph_type(),
@@ -136,9 +136,14 @@ impl ProxyError {
                 "is_transient": status.is_server_error() || matches!(self, Self::Throttled { .. }),
                 "fbtrace_id": format!("graphcache-{:016x}", rand::random::<u64>()),
             }
-        });
-        let mut response = Response::new(ResponseBody::full(Bytes::from(envelope.to_string())));
-        *response.status_mut() = status;
+        })
+        .to_string()
+    }
+
+    /// The Graph-envelope response for this error.
+    pub fn to_response(&self) -> Response<ResponseBody> {
+        let mut response = Response::new(ResponseBody::full(Bytes::from(self.envelope())));
+        *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(
             CONTENT_TYPE,

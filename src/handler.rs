@@ -26,6 +26,7 @@ use crate::headers::{
 };
 use crate::key::{authorization_credential, cache_key, CacheKey, QueryParams, TokenHasher};
 use crate::metrics::{Metrics, Outcome};
+use crate::ratelimit::Subject;
 use crate::redact::redact_target;
 use crate::routes::{objects_of, CachePolicy, ObjectId};
 use crate::upstream::{BoxError, Upstream, UpstreamBody, UpstreamTimer};
@@ -169,7 +170,9 @@ impl Proxy {
         if let GetBody::Some(bytes) = body {
             return self.bypass(parts, Some(bytes), timer).await;
         }
-        if control.no_store || !policy.cache || params.contains("callback") {
+        // Two tokens in one query: which one Graph uses is not ours to guess.
+        let ambiguous_token = params.count("access_token") > 1;
+        if control.no_store || !policy.cache || params.contains("callback") || ambiguous_token {
             return self.bypass(parts, None, timer).await;
         }
         let identity = self.tokens.identify(
@@ -190,10 +193,15 @@ impl Proxy {
             }
         }
         let objects: Arc<[ObjectId]> = objects_of(path, params.iter()).into();
-        if let Some(handled) =
-            self.protect_quota(&parts, entry.as_deref(), &objects, control.no_cache, now)?
-        {
-            return Ok(handled);
+        match self.protection(entry.as_deref(), &objects, identity, control.no_cache, now) {
+            Protection::Forward => {}
+            Protection::Serve(status, outcome) => {
+                let entry = entry
+                    .as_deref()
+                    .expect("protection serves only a stored entry");
+                return Ok(serve_entry(&parts, entry, now, status, outcome));
+            }
+            Protection::Refuse(error) => return Err(error),
         }
         let validator = entry.as_ref().and_then(|e| e.etag.clone());
         let get = self.upstream_get(
@@ -202,7 +210,6 @@ impl Proxy {
             identity,
             validator.as_ref(),
             entry.is_some(),
-            objects.clone(),
         );
         let fetch = Fetch {
             fwd: match (&entry, control.no_cache) {
@@ -226,14 +233,24 @@ impl Proxy {
 
     /// Reads the usage headers and any throttling error of a collected
     /// upstream answer about `objects`.
-    pub(crate) fn observe(&self, answer: &Answer, objects: &[ObjectId]) {
+    pub(crate) fn observe(&self, answer: &Answer, subject: &Subject) {
         self.limits.observe_answer(
             answer.status,
             &answer.headers,
             &answer.body,
-            objects,
+            subject,
             &self.metrics,
         );
+    }
+
+    /// The subject of a request's answer, for its usage headers.
+    fn subject_of(&self, parts: &Parts) -> Subject {
+        let params = QueryParams::parse(parts.uri.query());
+        let caller = self.tokens.identify(
+            params.get("access_token"),
+            authorization_credential(&parts.headers).as_deref(),
+        );
+        Subject::of_request(parts.uri.path(), Some(caller))
     }
 
     /// Drops every entry of `objects` after a write (that succeeded, or may
@@ -250,29 +267,32 @@ impl Proxy {
     /// scope is throttled or its quota nearly spent, a stored entry within
     /// max stale is served instead (and, with quota-aware freshness, an entry
     /// within its stretched TTL); while throttled, a read with no entry may
-    /// be answered locally with Graph's throttling envelope.
-    fn protect_quota(
+    /// be answered locally with Graph's throttling envelope. Routes that
+    /// must always revalidate (async request sets) are only protected while
+    /// throttled.
+    pub(crate) fn protection(
         &self,
-        parts: &Parts,
         entry: Option<&CachedResponse>,
         objects: &[ObjectId],
+        caller: crate::key::TokenIdentity,
         revalidation_asked: bool,
         now: Instant,
-    ) -> Result<Option<Handled>, ProxyError> {
-        let verdict = self.limits.verdict(objects);
+    ) -> Protection {
+        let verdict = self.limits.verdict(objects, Some(caller));
         if verdict.throttled.is_none() && verdict.usage == 0.0 {
-            return Ok(None);
+            return Protection::Forward;
         }
         let avoided = &self.metrics.usage.avoided;
         let Some(entry) = entry.filter(|e| e.freshness(now) != Freshness::Expired) else {
             return match verdict.throttled {
                 Some((remaining, code)) if self.limits.settings.answer_locally => {
                     avoided.throttled.inc();
-                    Err(ProxyError::Throttled { code, remaining })
+                    Protection::Refuse(ProxyError::Throttled { code, remaining })
                 }
-                _ => Ok(None),
+                _ => Protection::Forward,
             };
         };
+        let volatile = entry.policy.always_revalidate;
         let stretched = self
             .limits
             .stretched_ttl(entry.policy.fresh_ttl, verdict.usage);
@@ -282,6 +302,8 @@ impl Proxy {
                 Outcome::Throttled,
                 &avoided.throttled,
             )
+        } else if volatile {
+            return Protection::Forward;
         } else if verdict.usage >= self.limits.settings.pressure_threshold {
             (
                 "graphcache; hit; detail=quota-pressure",
@@ -295,16 +317,10 @@ impl Proxy {
                 &avoided.pressure,
             )
         } else {
-            return Ok(None);
+            return Protection::Forward;
         };
         counter.inc();
-        Ok(Some(serve_entry(
-            parts,
-            entry,
-            now,
-            HeaderValue::from_static(detail),
-            outcome,
-        )))
+        Protection::Serve(HeaderValue::from_static(detail), outcome)
     }
 
     /// The upstream GET for a cacheable read: a revalidation with the stored
@@ -317,7 +333,6 @@ impl Proxy {
         identity: crate::key::TokenIdentity,
         validator: Option<&HeaderValue>,
         has_entry: bool,
-        objects: Arc<[ObjectId]>,
     ) -> UpstreamGet {
         let mut headers = parts.headers.clone();
         strip_hop_by_hop(&mut headers);
@@ -357,7 +372,7 @@ impl Proxy {
             access_token: params.get("access_token").map(str::to_owned),
             appsecret_proof: params.get("appsecret_proof").map(str::to_owned),
             headers,
-            objects,
+            subject: Subject::of_request(path, Some(identity)),
         }
     }
 
@@ -584,12 +599,12 @@ impl Proxy {
     async fn observe_relayed(
         &self,
         response: Response<Incoming>,
-        objects: &[ObjectId],
+        subject: &Subject,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         const ERROR_PEEK: usize = 64 << 10;
         let (head, body) = response.into_parts();
         if head.status.is_success() || head.status.is_redirection() {
-            self.limits.observe(&head.headers, objects, &self.metrics);
+            self.limits.observe(&head.headers, subject, &self.metrics);
             return Ok(Response::from_parts(head, body.into()));
         }
         let collected =
@@ -603,13 +618,13 @@ impl Proxy {
                     head.status,
                     &head.headers,
                     &bytes,
-                    objects,
+                    subject,
                     &self.metrics,
                 );
                 ResponseBody::full(bytes)
             }
             Collected::Overflow { prefix, rest } => {
-                self.limits.observe(&head.headers, objects, &self.metrics);
+                self.limits.observe(&head.headers, subject, &self.metrics);
                 ResponseBody::Relay {
                     prefix: Some(prefix),
                     rest,
@@ -617,6 +632,33 @@ impl Proxy {
             }
         };
         Ok(Response::from_parts(head, body))
+    }
+
+    /// Runs a client batch in its own task, so the writes in it are settled
+    /// (and invalidate) even when the client disconnects.
+    async fn client_batch_detached(
+        self: &Arc<Self>,
+        parts: &Parts,
+        batch: crate::client_batch::ClientBatch,
+        timer: &UpstreamTimer,
+    ) -> Result<Handled, ProxyError> {
+        let (mut owned, ()) = Request::new(()).into_parts();
+        owned.method = parts.method.clone();
+        owned.uri = parts.uri.clone();
+        owned.version = parts.version;
+        owned.headers = parts.headers.clone();
+        let proxy = self.clone();
+        let task = tokio::spawn(async move {
+            let params = QueryParams::parse(owned.uri.query());
+            let timer = UpstreamTimer::default();
+            let result = proxy.client_batch(&owned, &params, batch, &timer).await;
+            (result, timer.micros())
+        });
+        let (result, upstream_us) = task.await.map_err(|_| ProxyError::FlightLost)?;
+        if let Some(us) = upstream_us {
+            timer.add(Duration::from_micros(us));
+        }
+        result
     }
 
     /// The client batch in a POST, if it is one graphcache serves: not
@@ -657,11 +699,9 @@ impl Proxy {
         *request.uri_mut() = self.upstream.uri_for(parts.uri.path_and_query());
         *request.headers_mut() = headers;
         let response = self.upstream.send(request, &self.metrics, timer).await?;
-        let objects = objects_of(
-            parts.uri.path(),
-            QueryParams::parse(parts.uri.query()).iter(),
-        );
-        let response = self.observe_relayed(response, &objects).await?;
+        let response = self
+            .observe_relayed(response, &self.subject_of(&parts))
+            .await?;
         let status = cache_status("bypass", Some(response.status().as_u16()), false, None);
         check_encoding(&parts.headers, response.headers())?;
         Ok(relay(&parts, response, status, Outcome::Bypass))
@@ -683,7 +723,7 @@ impl Proxy {
         let mut body_params: Vec<(String, String)> = Vec::new();
         let upstream_body = if body.is_end_stream() {
             if let Some(batch) = self.as_client_batch(&parts, params, b"")? {
-                return self.client_batch(&parts, params, batch, timer).await;
+                return self.client_batch_detached(&parts, batch, timer).await;
             }
             empty_body()
         } else if outcome == Outcome::Write && parseable_write_body(&parts.headers) {
@@ -693,7 +733,7 @@ impl Proxy {
             {
                 Collected::Complete(bytes) => {
                     if let Some(batch) = self.as_client_batch(&parts, params, &bytes)? {
-                        return self.client_batch(&parts, params, batch, timer).await;
+                        return self.client_batch_detached(&parts, batch, timer).await;
                     }
                     body_params = write_body_params(&parts.headers, &bytes);
                     full_body(bytes)
@@ -724,12 +764,13 @@ impl Proxy {
         );
         // The exchange and its invalidation run in their own task: a client
         // that disconnects mid-write cannot leave stale entries behind.
+        let subject = self.subject_of(&parts);
         let proxy = self.clone();
         let is_write = outcome == Outcome::Write;
         let exchange = tokio::spawn(async move {
             let timer = UpstreamTimer::default();
             let result = match proxy.upstream.send(request, &proxy.metrics, &timer).await {
-                Ok(response) => proxy.observe_relayed(response, &objects).await,
+                Ok(response) => proxy.observe_relayed(response, &subject).await,
                 Err(error) => Err(error),
             };
             // Invalidate unless Graph rejected the write (4xx): a 2xx applied
@@ -765,6 +806,16 @@ impl Drop for GaugeGuard<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// What throttle protection decides for a read (see [`Proxy::protection`]).
+pub(crate) enum Protection {
+    /// Go upstream as usual.
+    Forward,
+    /// Serve the stored entry, with this `Cache-Status` and outcome.
+    Serve(HeaderValue, Outcome),
+    /// Answer locally with Graph's throttling envelope.
+    Refuse(ProxyError),
 }
 
 /// A cacheable read on its way upstream: where its answer goes in the cache.

@@ -135,6 +135,15 @@ impl<'a> QueryParams<'a> {
             .map(|(_, v)| v.as_ref())
     }
 
+    /// How many times `name` appears.
+    pub fn count(&self, name: &str) -> usize {
+        let start = self.pairs.partition_point(|(n, _)| n.as_ref() < name);
+        self.pairs[start..]
+            .iter()
+            .take_while(|(n, _)| n == name)
+            .count()
+    }
+
     /// True when `name` is present, whatever its value.
     pub fn contains(&self, name: &str) -> bool {
         self.get(name).is_some()
@@ -250,6 +259,7 @@ mod tests {
         assert_eq!(q.get("b"), Some("2"));
         assert_eq!(q.get("a"), Some("1"));
         assert_eq!(q.get("c"), None);
+        assert_eq!((q.count("b"), q.count("a"), q.count("c")), (2, 1, 0));
     }
 
     #[test]

@@ -331,7 +331,7 @@ impl Metrics {
         let items = IntCounterVec::new(
             Opts::new(
                 CLIENT_BATCH_ITEMS,
-                "Items of client batches by what graphcache did (hit, revalidated, forwarded).",
+                "Items of client batches by what graphcache did (hit, revalidated, forwarded; revalidated items also count as forwarded).",
             ),
             &["result"],
         )

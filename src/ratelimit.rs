@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, StatusCode};
 
+use crate::key::TokenIdentity;
 use crate::metrics::Metrics;
 use crate::routes::ObjectId;
 use crate::usage::{self, UsageError};
@@ -50,6 +51,54 @@ impl Default for ThrottleSettings {
 pub enum Scope {
     App,
     Object(ObjectId),
+    /// One caller's token: user-level limits (code 17 without a business
+    /// header, code 32) throttle that caller, not everyone.
+    Caller(TokenIdentity),
+}
+
+/// Whom an upstream answer speaks about.
+#[derive(Debug, Clone, Default)]
+pub struct Subject {
+    /// The path node of each request the answer covers (one for a single
+    /// request, one per item for a batch).
+    pub nodes: Vec<ObjectId>,
+    /// The ad account named in the path (`act_<id>`), which
+    /// X-Ad-Account-Usage speaks about.
+    pub account: Option<ObjectId>,
+    /// The caller's token identity.
+    pub caller: Option<TokenIdentity>,
+}
+
+impl Subject {
+    /// The subject of a single request to `path` by `caller`.
+    pub fn of_request(path: &str, caller: Option<TokenIdentity>) -> Self {
+        let node = crate::routes::path_node(path);
+        Self {
+            account: node
+                .filter(|n| n.starts_with("act_"))
+                .and_then(ObjectId::parse),
+            nodes: node.and_then(ObjectId::parse).into_iter().collect(),
+            caller,
+        }
+    }
+
+    /// The subject of several requests (a batch) by one caller.
+    pub fn of_batch<'a>(
+        subjects: impl IntoIterator<Item = &'a Subject>,
+        caller: Option<TokenIdentity>,
+    ) -> Self {
+        let mut nodes: Vec<ObjectId> = subjects
+            .into_iter()
+            .flat_map(|s| s.nodes.iter().cloned())
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        Self {
+            nodes,
+            account: None,
+            caller,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -104,8 +153,8 @@ impl RateLimits {
     }
 
     /// Reads the usage headers of one upstream answer (a response, a 304,
-    /// a batch, or a batch item) about `objects` (the request's objects).
-    pub fn observe(&self, headers: &HeaderMap, objects: &[ObjectId], metrics: &Metrics) {
+    /// a batch, or a batch item) about `subject`.
+    pub fn observe(&self, headers: &HeaderMap, subject: &Subject, metrics: &Metrics) {
         let m = &metrics.usage;
         let now = Instant::now();
         let mut updates: Vec<(Scope, f64, Option<Duration>)> = Vec::new();
@@ -135,7 +184,7 @@ impl RateLimits {
                     }
                     usage::AD_ACCOUNT_USAGE => {
                         let u = usage::parse_ad_account(value.as_bytes())?;
-                        let label = objects.first().map_or_else(
+                        let label = subject.account.as_ref().map_or_else(
                             || "unknown".to_owned(),
                             |o| self.label(o.as_str(), metrics),
                         );
@@ -148,7 +197,7 @@ impl RateLimits {
                         if let Some(v) = u.reset_time_duration {
                             m.ad_account_reset.with_label_values(&[label]).set(v);
                         }
-                        if let Some(object) = objects.first() {
+                        if let Some(object) = &subject.account {
                             updates.push((
                                 Scope::Object(object.clone()),
                                 max_ratio(&[u.acc_id_util_pct]),
@@ -206,7 +255,7 @@ impl RateLimits {
                             m.insights_throttle
                                 .with_label_values(&["account"])
                                 .set(v / 100.0);
-                            if let Some(object) = objects.first() {
+                            if let Some(object) = &subject.account {
                                 updates.push((Scope::Object(object.clone()), v / 100.0, None));
                             }
                         }
@@ -224,6 +273,7 @@ impl RateLimits {
         }
         self.active.store(true, Ordering::Release);
         let mut scopes = self.lock();
+        prune(&mut scopes, now);
         for (scope, ratio, blocked) in updates {
             let state = scopes.entry(scope).or_insert(ScopeState {
                 throttled_until: None,
@@ -251,14 +301,14 @@ impl RateLimits {
         status: StatusCode,
         headers: &HeaderMap,
         body: &[u8],
-        objects: &[ObjectId],
+        subject: &Subject,
         metrics: &Metrics,
     ) {
-        self.observe(headers, objects, metrics);
+        self.observe(headers, subject, metrics);
         if status.is_success() && !body.trim_ascii_start().starts_with(b"{\"error\"") {
             return;
         }
-        let Some((code, _)) = usage::throttle_error(body) else {
+        let Some((code, subcode)) = usage::throttle_error(body) else {
             return;
         };
         metrics
@@ -299,11 +349,18 @@ impl RateLimits {
                 .filter(|s| *s > 0.0)
                 .map(seconds);
             let wait = reset.unwrap_or(self.settings.backoff);
-            let scope = match (code, objects.first()) {
-                (4 | 341, _) | (_, None) => Scope::App,
-                (_, Some(object)) => Scope::Object(object.clone()),
-            };
-            blocked.push((scope, wait));
+            let user_level = code == 32 || (code == 17 && subcode.is_none());
+            match (code, subject.caller) {
+                (4 | 341, _) => blocked.push((Scope::App, wait)),
+                (_, Some(caller)) if user_level => blocked.push((Scope::Caller(caller), wait)),
+                _ if subject.nodes.is_empty() => blocked.push((Scope::App, wait)),
+                _ => blocked.extend(
+                    subject
+                        .nodes
+                        .iter()
+                        .map(|n| (Scope::Object(n.clone()), wait)),
+                ),
+            }
         }
         self.active.store(true, Ordering::Release);
         let mut scopes = self.lock();
@@ -319,8 +376,8 @@ impl RateLimits {
         }
     }
 
-    /// The state of the app and of `objects` for one read.
-    pub fn verdict(&self, objects: &[ObjectId]) -> Verdict {
+    /// The state of the app, of `objects` and of the caller for one read.
+    pub fn verdict(&self, objects: &[ObjectId], caller: Option<TokenIdentity>) -> Verdict {
         if !self.active.load(Ordering::Acquire) {
             return Verdict::CLEAR;
         }
@@ -328,7 +385,11 @@ impl RateLimits {
         let scopes = self.lock();
         let mut verdict = Verdict::CLEAR;
         let app = std::iter::once(Scope::App);
-        for scope in app.chain(objects.iter().cloned().map(Scope::Object)) {
+        let caller = caller.map(Scope::Caller);
+        for scope in app
+            .chain(caller)
+            .chain(objects.iter().cloned().map(Scope::Object))
+        {
             let Some(state) = scopes.get(&scope) else {
                 continue;
             };
@@ -398,6 +459,23 @@ impl RateLimits {
     }
 }
 
+/// Scopes kept before stale ones are pruned.
+const SCOPES_BEFORE_PRUNING: usize = 4096;
+
+/// Drops scopes that are neither throttled nor carry recent usage, once the
+/// map is large: every object id an answer spoke about would otherwise stay.
+fn prune(scopes: &mut HashMap<Scope, ScopeState>, now: Instant) {
+    if scopes.len() < SCOPES_BEFORE_PRUNING {
+        return;
+    }
+    scopes.retain(|_, state| {
+        state.throttled_until.is_some_and(|u| u > now)
+            || state
+                .usage
+                .is_some_and(|(_, at)| now.duration_since(at) < USAGE_MEMORY)
+    });
+}
+
 /// Linear stretch of `fresh_ttl` towards `max` as usage goes from `from` to 1.
 pub fn stretch(fresh_ttl: Duration, usage: f64, from: Option<f64>, max: Duration) -> Duration {
     let Some(from) = from else { return fresh_ttl };
@@ -452,7 +530,10 @@ mod tests {
     #[test]
     fn nothing_seen_means_a_clear_verdict() {
         let limits = RateLimits::new(ThrottleSettings::default());
-        assert_eq!(limits.verdict(&objects_of("/v1/act_1", [])), Verdict::CLEAR);
+        assert_eq!(
+            limits.verdict(&objects_of("/v1/act_1", []), None),
+            Verdict::CLEAR
+        );
     }
 
     #[test]
@@ -465,20 +546,26 @@ mod tests {
                 "x-app-usage",
                 r#"{"call_count":50,"total_time":96,"total_cputime":3}"#,
             )]),
-            &act,
+            &Subject::of_request("/v1/act_42/ads", None),
             &metrics,
         );
-        assert_eq!(limits.verdict(&objects_of("/v1/other", [])).usage, 0.96);
+        assert_eq!(
+            limits.verdict(&objects_of("/v1/other", []), None).usage,
+            0.96
+        );
         limits.observe(
             &headers(&[(
                 "x-business-use-case-usage",
                 r#"{"42":[{"type":"ads_management","call_count":99}]}"#,
             )]),
-            &act,
+            &Subject::of_request("/v1/act_42/ads", None),
             &metrics,
         );
-        assert_eq!(limits.verdict(&act).usage, 0.99);
-        assert_eq!(limits.verdict(&objects_of("/v1/act_7", [])).usage, 0.96);
+        assert_eq!(limits.verdict(&act, None).usage, 0.99);
+        assert_eq!(
+            limits.verdict(&objects_of("/v1/act_7", []), None).usage,
+            0.96
+        );
     }
 
     #[test]
@@ -491,8 +578,14 @@ mod tests {
             r#"{"42":[{"type":"ads_insights","call_count":100,"estimated_time_to_regain_access":2}]}"#,
         )]);
         let body = br#"{"error":{"code":80000,"error_subcode":2446079,"message":"too many"}}"#;
-        limits.observe_answer(StatusCode::BAD_REQUEST, &h, body, &act, &metrics);
-        let (wait, code) = limits.verdict(&act).throttled.unwrap();
+        limits.observe_answer(
+            StatusCode::BAD_REQUEST,
+            &h,
+            body,
+            &Subject::of_request("/v1/act_42/insights", None),
+            &metrics,
+        );
+        let (wait, code) = limits.verdict(&act, None).throttled.unwrap();
         assert_eq!(code, 80000);
         assert!(
             wait > Duration::from_secs(110) && wait <= Duration::from_secs(120),
@@ -500,7 +593,7 @@ mod tests {
         );
         // Another account is not throttled.
         assert!(limits
-            .verdict(&objects_of("/v1/act_7", []))
+            .verdict(&objects_of("/v1/act_7", []), None)
             .throttled
             .is_none());
         assert_eq!(limits.throttled_scopes(), 1);
@@ -519,11 +612,11 @@ mod tests {
             StatusCode::FORBIDDEN,
             &HeaderMap::new(),
             body,
-            &objects_of("/v1/me", []),
+            &Subject::of_request("/v1/me", None),
             &metrics,
         );
         let (wait, code) = limits
-            .verdict(&objects_of("/v1/anything", []))
+            .verdict(&objects_of("/v1/anything", []), None)
             .throttled
             .unwrap();
         assert_eq!(code, 4);
@@ -534,10 +627,50 @@ mod tests {
             StatusCode::BAD_REQUEST,
             &HeaderMap::new(),
             br#"{"error":{"code":190}}"#,
-            &[],
+            &Subject::default(),
             &metrics,
         );
-        assert!(other.verdict(&[]).throttled.is_none());
+        assert!(other.verdict(&[], None).throttled.is_none());
+    }
+
+    #[test]
+    fn user_level_limits_throttle_only_their_caller() {
+        let limits = RateLimits::new(ThrottleSettings::default());
+        let metrics = Metrics::new();
+        let hasher = crate::key::TokenHasher::with_secret([5; 32]);
+        let (a, b) = (
+            hasher.identify(Some("a"), None),
+            hasher.identify(Some("b"), None),
+        );
+        let body = br#"{"error":{"code":17,"message":"(#17) User request limit reached"}}"#;
+        limits.observe_answer(
+            StatusCode::BAD_REQUEST,
+            &HeaderMap::new(),
+            body,
+            &Subject::of_request("/v1/me", Some(a)),
+            &metrics,
+        );
+        let me = objects_of("/v1/me", []);
+        assert!(limits.verdict(&me, Some(a)).throttled.is_some());
+        assert!(limits.verdict(&me, Some(b)).throttled.is_none());
+    }
+
+    #[test]
+    fn ad_account_usage_speaks_about_act_nodes_only() {
+        let limits = RateLimits::new(ThrottleSettings::default());
+        let metrics = Metrics::new();
+        let h = headers(&[("x-ad-account-usage", r#"{"acc_id_util_pct":97}"#)]);
+        limits.observe(
+            &h,
+            &Subject::of_request("/v1/6001/insights", None),
+            &metrics,
+        );
+        assert_eq!(limits.verdict(&objects_of("/v1/6001", []), None).usage, 0.0);
+        limits.observe(&h, &Subject::of_request("/v1/act_5/ads", None), &metrics);
+        assert_eq!(
+            limits.verdict(&objects_of("/v1/act_5", []), None).usage,
+            0.97
+        );
     }
 
     #[test]
@@ -546,7 +679,7 @@ mod tests {
         let metrics = Metrics::new();
         limits.observe(
             &headers(&[("x-app-usage", "{oops"), ("x-ad-account-usage", "[]")]),
-            &[],
+            &Subject::default(),
             &metrics,
         );
         assert_eq!(
@@ -565,7 +698,7 @@ mod tests {
                 .get(),
             1
         );
-        assert_eq!(limits.verdict(&[]), Verdict::CLEAR);
+        assert_eq!(limits.verdict(&[], None), Verdict::CLEAR);
     }
 
     #[test]
@@ -579,7 +712,7 @@ mod tests {
         let buc = r#"{"1":[{"type":"ads_management","call_count":1}],"2":[{"type":"ads_management","call_count":2}],"3":[{"type":"ads_management","call_count":3}]}"#;
         limits.observe(
             &headers(&[("x-business-use-case-usage", buc)]),
-            &[],
+            &Subject::default(),
             &metrics,
         );
         assert_eq!(metrics.usage.labels_folded.get(), 1);
@@ -613,10 +746,13 @@ mod tests {
             StatusCode::BAD_REQUEST,
             &h,
             br#"{"error":{"code":80001}}"#,
-            &objects_of("/v1/9", []),
+            &Subject::of_request("/v1/9", None),
             &metrics,
         );
-        let (wait, _) = limits.verdict(&objects_of("/v1/9", [])).throttled.unwrap();
+        let (wait, _) = limits
+            .verdict(&objects_of("/v1/9", []), None)
+            .throttled
+            .unwrap();
         assert!(wait <= MAX_WAIT);
     }
 

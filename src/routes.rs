@@ -48,6 +48,9 @@ pub struct CachePolicy {
     pub fresh_ttl: Duration,
     pub max_stale: Duration,
     pub cache: bool,
+    /// Always revalidated: no fresh TTL, and no serving from memory under
+    /// quota pressure (only while Graph throttles).
+    pub always_revalidate: bool,
 }
 
 impl CachePolicy {
@@ -71,6 +74,7 @@ impl RoutePolicies {
         if is_async_status_read(path) {
             // Async request sets change until they complete: always revalidate.
             policy.fresh_ttl = Duration::ZERO;
+            policy.always_revalidate = true;
         }
         policy
     }
@@ -85,6 +89,7 @@ impl RoutePolicies {
                 fresh_ttl: rule.fresh_ttl.unwrap_or(self.default.fresh_ttl),
                 max_stale: rule.max_stale.unwrap_or(self.default.max_stale),
                 cache: rule.cache,
+                always_revalidate: false,
             },
             None => self.default,
         }
@@ -178,6 +183,11 @@ impl ObjectId {
     }
 }
 
+/// The first path segment after the version, as sent (`act_123`).
+pub fn path_node(path: &str) -> Option<&str> {
+    split_path(strip_version(path)).next()
+}
+
 /// The objects a request concerns: first the node after the version
 /// (`act_123` in `/v26.0/act_123/ads`), then, sorted and deduplicated, every
 /// id named by an `ids`, `id`, `*_id` or `*_ids` parameter. The node comes
@@ -228,6 +238,7 @@ mod tests {
                 fresh_ttl: Duration::ZERO,
                 max_stale: Duration::from_secs(3600),
                 cache: true,
+                always_revalidate: false,
             },
             rules: vec![
                 RouteRule::new("*/insights", Some(Duration::from_secs(300)), None, true),

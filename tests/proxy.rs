@@ -838,3 +838,24 @@ async fn any_authorization_header_identifies_the_caller() {
     );
     assert_eq!(h.mock.requests(), 3);
 }
+
+#[tokio::test]
+async fn two_tokens_in_one_query_bypass_the_cache() {
+    let h = Harness::with(fresh(60)).await;
+    h.get("/v26.0/me?access_token=EAAtokenA").await;
+    let both = h
+        .get("/v26.0/me?access_token=EAAtokenA&access_token=EAAtokenB")
+        .await;
+    assert_eq!(
+        both.cache_status(),
+        "graphcache; fwd=bypass; fwd-status=200"
+    );
+    let again = h
+        .get("/v26.0/me?access_token=EAAtokenA&access_token=EAAtokenB")
+        .await;
+    assert_eq!(
+        again.cache_status(),
+        "graphcache; fwd=bypass; fwd-status=200"
+    );
+    assert_eq!(h.mock.requests(), 3);
+}

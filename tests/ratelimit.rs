@@ -326,3 +326,65 @@ async fn ad_account_usage_attaches_to_the_account_in_the_path() {
         .text()
         .contains("account=\"55\""));
 }
+
+#[tokio::test]
+async fn client_batch_items_are_protected_while_throttled() {
+    let h = Harness::with(|c| c.throttle.answer_locally = true).await;
+    let stored = h.get("/v26.0/act_1/ads?access_token=EAAtokenA").await;
+    h.mock.throttle(
+        80004,
+        &[("x-business-use-case-usage", r#"{"1":[{"type":"ads_management","call_count":100,"estimated_time_to_regain_access":2}]}"#)],
+    );
+    h.get("/v26.0/act_1/campaigns?access_token=EAAtokenA").await;
+    let calls = h.mock.requests();
+    let items = json!([
+        {"method": "GET", "relative_url": "act_1/ads"},
+        {"method": "GET", "relative_url": "act_1/adsets"},
+    ]);
+    let body = form_urlencoded::Serializer::new(String::new())
+        .append_pair("batch", &items.to_string())
+        .finish();
+    let reply = h
+        .send(
+            Method::POST,
+            "/v26.0/?access_token=EAAtokenA",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            &body,
+        )
+        .await;
+    let entries = reply.json();
+    // The stored item is served; the uncached one gets Graph's throttling
+    // envelope locally; nothing reached Graph.
+    assert_eq!(entries[0]["code"], 200);
+    assert_eq!(
+        entries[0]["body"].as_str().unwrap().as_bytes(),
+        &stored.body[..]
+    );
+    assert_eq!(entries[1]["code"], 400);
+    let error: serde_json::Value =
+        serde_json::from_str(entries[1]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(error["error"]["code"], 80004);
+    assert_eq!(h.mock.requests(), calls);
+}
+
+#[tokio::test]
+async fn async_request_set_reads_are_not_served_from_memory_under_pressure() {
+    let h = Harness::start().await;
+    h.mock.set_usage(&[(
+        "x-app-usage",
+        r#"{"call_count":97,"total_time":1,"total_cputime":1}"#,
+    )]);
+    h.get("/v26.0/act_2/asyncadrequestsets?access_token=EAAtokenA")
+        .await;
+    let again = h
+        .get("/v26.0/act_2/asyncadrequestsets?access_token=EAAtokenA")
+        .await;
+    assert_eq!(
+        again.cache_status(),
+        "graphcache; fwd=stale; fwd-status=304"
+    );
+    // An ordinary read of the same account is protected.
+    h.get("/v26.0/act_2/ads?access_token=EAAtokenA").await;
+    let ads = h.get("/v26.0/act_2/ads?access_token=EAAtokenA").await;
+    assert_eq!(ads.cache_status(), "graphcache; hit; detail=quota-pressure");
+}
