@@ -123,6 +123,13 @@ impl Proxy {
                 }
             }
         }
+        if request.uri().path() == "*" {
+            // Asterisk-form (`OPTIONS *`) asks about the server itself, and
+            // there is no path to forward it to.
+            return Err(ProxyError::BadRequest(
+                "asterisk-form request targets are not supported",
+            ));
+        }
         if header_bytes(request.headers()) > self.config.max_header_bytes {
             return Err(ProxyError::HeadersTooLarge {
                 limit: self.config.max_header_bytes,

@@ -49,6 +49,21 @@ async fn absolute_form_targets_naming_another_host_are_refused() {
 }
 
 #[tokio::test]
+async fn asterisk_form_targets_are_refused() {
+    let h = Harness::start().await;
+    for method in ["OPTIONS", "DELETE"] {
+        let reply = raw(
+            h.addr,
+            format!("{method} * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+        assert!(reply.contains("asterisk-form"), "{reply}");
+    }
+    assert_eq!(h.mock.requests(), 0);
+}
+
+#[tokio::test]
 async fn connect_is_refused() {
     let h = Harness::start().await;
     let reply = raw(h.addr, b"CONNECT graph.facebook.com:443 HTTP/1.1\r\nHost: graph.facebook.com:443\r\nConnection: close\r\n\r\n").await;
