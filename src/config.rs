@@ -102,6 +102,7 @@ pub struct RawConfig {
     quota_ttl_from: Option<f64>,
     quota_ttl_max: Option<u64>,
     usage_label_limit: Option<u64>,
+    rewrite_paging_links: Option<bool>,
     #[serde(default)]
     route: Vec<RawRoute>,
 }
@@ -147,6 +148,8 @@ pub struct Config {
     pub coalesce: CoalesceSettings,
     pub packing: PackingSettings,
     pub throttle: ThrottleSettings,
+    /// Point `paging.next`/`previous` links in answers back at graphcache.
+    pub rewrite_paging_links: bool,
 }
 
 /// Sharing of identical concurrent reads.
@@ -158,7 +161,7 @@ pub struct CoalesceSettings {
 }
 
 /// Every top-level key, for environment lookup and messages.
-pub const KEYS: [&str; 31] = [
+pub const KEYS: [&str; 32] = [
     "listen",
     "admin_listen",
     "upstream",
@@ -189,6 +192,7 @@ pub const KEYS: [&str; 31] = [
     "quota_ttl_from",
     "quota_ttl_max",
     "usage_label_limit",
+    "rewrite_paging_links",
     "route",
 ];
 
@@ -406,6 +410,7 @@ impl RawConfig {
             )?,
         };
         let config = Config {
+            rewrite_paging_links: self.rewrite_paging_links.unwrap_or(false),
             throttle,
             coalesce: CoalesceSettings {
                 enabled: self.coalesce.unwrap_or(true),

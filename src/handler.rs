@@ -47,6 +47,8 @@ pub(crate) type FlightKey = (CacheKey, Option<HeaderValue>, u64);
 
 /// Everything the request path needs, shared by all connections.
 pub struct Proxy {
+    /// Rewrites paging links back to graphcache, when configured.
+    pub(crate) paging: Option<crate::paging::PagingRewriter>,
     pub(crate) limits: Arc<crate::ratelimit::RateLimits>,
     pub(crate) flights: Flights<FlightKey, Arc<FetchOutcome>>,
     pub(crate) groups: Groups,
@@ -83,6 +85,13 @@ impl Proxy {
         let started = Instant::now();
         let method = request.method().clone();
         let uri = request.uri().clone();
+        let client_origin = self
+            .paging
+            .as_ref()
+            .filter(|_| method == Method::GET)
+            .and_then(|_| {
+                crate::paging::PagingRewriter::client_origin(request.headers(), request.uri())
+            });
         let timer = UpstreamTimer::default();
         let (response, outcome) = match self.route(request, &timer).await {
             Ok(handled) => (handled.response, handled.outcome),
@@ -90,6 +99,10 @@ impl Proxy {
                 tracing::warn!(kind = error.kind(), error = %error, "request failed");
                 (error.to_response(), Outcome::Error)
             }
+        };
+        let response = match (&self.paging, client_origin) {
+            (Some(rewriter), Some(origin)) => rewrite_paging(rewriter, response, &origin),
+            _ => response,
         };
         self.metrics.count_request(outcome);
         if self.config.access_log {
@@ -960,6 +973,28 @@ fn serve_entry(
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
     }
     Handled::new(response, outcome)
+}
+
+/// Points the paging links of a complete JSON answer back at graphcache.
+fn rewrite_paging(
+    rewriter: &crate::paging::PagingRewriter,
+    mut response: Response<ResponseBody>,
+    origin: &http::uri::Authority,
+) -> Response<ResponseBody> {
+    if !crate::paging::is_json(response.headers()) {
+        return response;
+    }
+    let mut changed = false;
+    if let ResponseBody::Full(Some(body)) = response.body_mut() {
+        let rewritten = rewriter.rewrite(body, origin);
+        changed = rewritten.len() != body.len();
+        *body = rewritten;
+    }
+    if changed {
+        // hyper sizes a complete body itself; a relayed length would lie.
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+    }
+    response
 }
 
 /// A 304 carrying the validator and caching headers of `headers`.

@@ -12,6 +12,7 @@
 //! - [`batch`]: the Graph batch wire format;
 //! - [`client_batch`]: client batches answered item by item from the cache;
 //! - [`upstream`]: the pooled rustls client for the one configured upstream;
+//! - [`paging`]: optional rewriting of paging links back to graphcache;
 //! - [`headers`], [`body`], [`redact`]: small pure helpers;
 //! - [`error`]: errors graphcache makes, rendered as Graph error envelopes;
 //! - [`usage`], [`ratelimit`]: Graph's usage headers and throttle protection;
@@ -31,6 +32,7 @@ pub mod handler;
 pub mod headers;
 pub mod key;
 pub mod metrics;
+pub mod paging;
 pub mod ratelimit;
 pub mod redact;
 pub mod routes;

@@ -49,6 +49,9 @@ impl Graphcache {
         let ready = Arc::new(AtomicBool::new(false));
         let limits = Arc::new(crate::ratelimit::RateLimits::new(config.throttle.clone()));
         let proxy = Arc::new(Proxy {
+            paging: config
+                .rewrite_paging_links
+                .then(|| crate::paging::PagingRewriter::new(&config.upstream)),
             limits: limits.clone(),
             flights: Default::default(),
             groups: Default::default(),

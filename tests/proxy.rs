@@ -859,3 +859,32 @@ async fn two_tokens_in_one_query_bypass_the_cache() {
     );
     assert_eq!(h.mock.requests(), 3);
 }
+
+#[tokio::test]
+async fn paging_links_can_point_back_at_graphcache() {
+    let h = Harness::with(|c| {
+        c.rewrite_paging_links = true;
+        c.routes.default.fresh_ttl = Duration::from_secs(60);
+    })
+    .await;
+    let page1 = h.get("/v26.0/act_1/ads?access_token=EAAtokenA").await;
+    let next = page1.json()["paging"]["next"].as_str().unwrap().to_owned();
+    let prefix = format!("http://{}/", h.addr);
+    assert!(next.starts_with(&prefix), "{next}");
+    // Following the link verbatim (as the Node SDK's cursor does) stays on
+    // graphcache; a cached copy is rewritten the same way.
+    let page2 = h.get(&next[prefix.len() - 1..]).await;
+    assert_eq!(page2.status, 200);
+    assert!(
+        page2.json()["paging"].get("next").is_none(),
+        "page 2 is the last"
+    );
+    assert_eq!(
+        h.mock.last().query,
+        "access_token=EAAtokenA&limit=3&after=QVFI"
+    );
+    let again = h.get("/v26.0/act_1/ads?access_token=EAAtokenA").await;
+    assert_eq!(again.cache_status(), "graphcache; hit");
+    assert_eq!(again.body, page1.body);
+    assert_eq!(h.mock.requests(), 2);
+}
