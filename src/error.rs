@@ -25,6 +25,8 @@ pub enum ProxyError {
     HeadersTooLarge { limit: usize },
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+    #[error("the request body was not received in time")]
+    ClientTimeout,
     #[error("reading the request body failed: {0}")]
     ClientBody(#[source] Arc<hyper::Error>),
     #[error("the upstream could not be reached: {0}")]
@@ -62,6 +64,7 @@ impl ProxyError {
             | Self::BadBatch(_)
             | Self::Throttled { .. } => StatusCode::BAD_REQUEST,
             Self::Connect => StatusCode::METHOD_NOT_ALLOWED,
+            Self::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UpstreamUnreachable(_)
@@ -102,6 +105,7 @@ impl ProxyError {
             Self::HeadersTooLarge { .. } => "headers_too_large",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::ClientBody(_) => "client_body",
+            Self::ClientTimeout => "client_timeout",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamBody(_) => "upstream_body",
             Self::UpstreamTimeout(_) => "upstream_timeout",

@@ -747,8 +747,11 @@ impl Proxy {
             }
             empty_body()
         } else if outcome == Outcome::Write && parseable_write_body(&parts.headers) {
-            match collect_up_to(body, MAX_PARSED_WRITE_BODY.min(max_body))
+            // A client trickling its body must not hold the request forever.
+            let read = collect_up_to(body, MAX_PARSED_WRITE_BODY.min(max_body));
+            match tokio::time::timeout(self.upstream.timeout, read)
                 .await
+                .map_err(|_| ProxyError::ClientTimeout)?
                 .map_err(|e| ProxyError::ClientBody(Arc::new(e)))?
             {
                 Collected::Complete(bytes) => {
@@ -923,7 +926,7 @@ async fn read_get_body(body: Incoming) -> Result<GetBody, ProxyError> {
     }
     let collected = tokio::time::timeout(GET_BODY_TIMEOUT, collect_up_to(body, MAX_GET_BODY))
         .await
-        .map_err(|_| ProxyError::BadRequest("the request body was not received in time"))?
+        .map_err(|_| ProxyError::ClientTimeout)?
         .map_err(|e| ProxyError::ClientBody(Arc::new(e)))?;
     match collected {
         Collected::Complete(bytes) => {

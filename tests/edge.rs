@@ -169,6 +169,22 @@ async fn slow_clients_are_cut_off_after_the_header_timeout() {
 }
 
 #[tokio::test]
+async fn a_client_trickling_a_write_body_gets_a_408_and_nothing_is_forwarded() {
+    let h = Harness::with(|c| c.upstream_timeout = Duration::from_secs(1)).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream
+        .write_all(b"POST /v26.0/act_1/ads?access_token=EAAx HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nname=slow")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("client_timeout"), "{text}");
+    assert_eq!(h.mock.requests(), 0);
+}
+
+#[tokio::test]
 async fn http2_cleartext_clients_are_served() {
     let h = Harness::with(|c| c.routes.default.fresh_ttl = Duration::from_secs(60)).await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
