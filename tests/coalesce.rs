@@ -42,6 +42,30 @@ fn fire(
         .collect()
 }
 
+/// The packing set-up: with the mock holding everything, `first` goes out
+/// alone (the group's one slot), then `rest` queue behind it inside
+/// graphcache; the mock is released once all of them are queued. Returns
+/// every reply, `first` first. `seen` is how many requests the mock had
+/// already received.
+async fn one_held_rest_queued(
+    h: &Arc<Harness>,
+    seen: u64,
+    first: &str,
+    rest: Vec<String>,
+    headers: Vec<(&'static str, String)>,
+) -> Vec<Reply> {
+    h.mock.hold("/v26.0/");
+    let queued = rest.len() as f64;
+    let first = fire(h, vec![first.to_owned()], headers.clone());
+    h.mock.wait_for_requests(seen + 1).await;
+    let rest = fire(h, rest, headers);
+    h.wait_for_metric(QUEUED, queued).await;
+    h.mock.release();
+    let mut all = replies(first).await;
+    all.extend(replies(rest).await);
+    all
+}
+
 async fn replies(tasks: Vec<tokio::task::JoinHandle<Reply>>) -> Vec<Reply> {
     let mut out = Vec::new();
     for t in tasks {
@@ -149,7 +173,6 @@ async fn a_waiter_past_its_bound_gets_a_504_and_the_call_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distinct_concurrent_gets_ride_in_batches_and_get_their_own_answers() {
     let h = Arc::new(Harness::with(packing(1, 60)).await);
-    h.mock.hold("/v26.0/");
     let ua = "fbbizsdk-python-v26.0.3".to_owned();
     let targets: Vec<String> = (0..40)
         .map(|i| {
@@ -159,13 +182,14 @@ async fn distinct_concurrent_gets_ride_in_batches_and_get_their_own_answers() {
             )
         })
         .collect();
-    let first = fire(&h, targets[..1].to_vec(), vec![("user-agent", ua.clone())]);
-    h.mock.wait_for_requests(1).await;
-    let rest = fire(&h, targets[1..].to_vec(), vec![("user-agent", ua.clone())]);
-    h.wait_for_metric(QUEUED, 39.0).await;
-    h.mock.release();
-    let mut all = replies(first).await;
-    all.extend(replies(rest).await);
+    let all = one_held_rest_queued(
+        &h,
+        0,
+        &targets[0],
+        targets[1..].to_vec(),
+        vec![("user-agent", ua.clone())],
+    )
+    .await;
     for (i, reply) in all.iter().enumerate() {
         assert_eq!(reply.status, 200, "{}", reply.text());
         assert_eq!(reply.json()["id"], (1000 + i).to_string());
@@ -234,25 +258,12 @@ async fn distinct_concurrent_gets_ride_in_batches_and_get_their_own_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_than_fifty_queued_gets_make_more_batches() {
     let h = Arc::new(Harness::with(packing(1, 60)).await);
-    h.mock.hold("/v26.0/");
-    let first = fire(
-        &h,
-        vec!["/v26.0/1?access_token=EAAtokenA".to_owned()],
-        vec![],
-    );
-    h.mock.wait_for_requests(1).await;
-    let rest = fire(
-        &h,
-        (2..=71)
-            .map(|i| format!("/v26.0/{i}?access_token=EAAtokenA"))
-            .collect(),
-        vec![],
-    );
-    h.wait_for_metric(QUEUED, 70.0).await;
-    h.mock.release();
-    replies(first).await;
-    for (i, reply) in replies(rest).await.into_iter().enumerate() {
-        assert_eq!(reply.json()["id"], (i + 2).to_string());
+    let rest = (2..=71)
+        .map(|i| format!("/v26.0/{i}?access_token=EAAtokenA"))
+        .collect();
+    let all = one_held_rest_queued(&h, 0, "/v26.0/1?access_token=EAAtokenA", rest, vec![]).await;
+    for (i, reply) in all.iter().enumerate() {
+        assert_eq!(reply.json()["id"], (i + 1).to_string());
     }
     assert_eq!((h.mock.batches(), h.mock.batch_items()), (2, 70));
     let sizes: Vec<usize> = h
@@ -324,14 +335,7 @@ async fn revalidations_ride_in_batches_and_304_items_serve_the_stored_body() {
         stored.push(h.get(t).await);
     }
     h.mock.touch("705");
-    h.mock.hold("/v26.0/");
-    let first = fire(&h, targets[..1].to_vec(), vec![]);
-    h.mock.wait_for_requests(7).await;
-    let rest = fire(&h, targets[1..].to_vec(), vec![]);
-    h.wait_for_metric(QUEUED, 5.0).await;
-    h.mock.release();
-    let mut all = replies(first).await;
-    all.extend(replies(rest).await);
+    let all = one_held_rest_queued(&h, 6, &targets[0], targets[1..].to_vec(), vec![]).await;
     for (i, reply) in all.iter().enumerate().take(5) {
         assert_eq!(reply.status, 200);
         assert_eq!(reply.body, stored[i].body);
@@ -365,26 +369,13 @@ async fn revalidations_ride_in_batches_and_304_items_serve_the_stored_body() {
 async fn null_items_are_retried_alone_and_item_errors_stay_with_their_waiter() {
     let h = Arc::new(Harness::with(packing(1, 60)).await);
     h.mock.null_once("803");
-    h.mock.hold("/v26.0/");
-    let first = fire(
-        &h,
-        vec!["/v26.0/800?access_token=EAAtokenA".to_owned()],
-        vec![],
-    );
-    h.mock.wait_for_requests(1).await;
-    let rest = fire(
-        &h,
-        vec![
-            "/v26.0/801?access_token=EAAtokenA".to_owned(),
-            "/v26.0/missing?access_token=EAAtokenA".to_owned(),
-            "/v26.0/803?access_token=EAAtokenA".to_owned(),
-        ],
-        vec![],
-    );
-    h.wait_for_metric(QUEUED, 3.0).await;
-    h.mock.release();
-    replies(first).await;
-    let rest = replies(rest).await;
+    let rest = vec![
+        "/v26.0/801?access_token=EAAtokenA".to_owned(),
+        "/v26.0/missing?access_token=EAAtokenA".to_owned(),
+        "/v26.0/803?access_token=EAAtokenA".to_owned(),
+    ];
+    let all = one_held_rest_queued(&h, 0, "/v26.0/800?access_token=EAAtokenA", rest, vec![]).await;
+    let rest = &all[1..];
     assert_eq!(rest[0].json()["id"], "801");
     assert_eq!(rest[1].status, 400);
     assert_eq!(rest[1].json()["error"]["code"], 100);
@@ -411,26 +402,14 @@ async fn a_batch_failing_as_a_whole_falls_back_to_plain_gets_once() {
     ] {
         let h = Arc::new(Harness::with(packing(1, 60)).await);
         h.mock.set_batch_failure(failure);
-        h.mock.hold("/v26.0/");
-        let first = fire(
-            &h,
-            vec!["/v26.0/900?access_token=EAAtokenA".to_owned()],
-            vec![],
-        );
-        h.mock.wait_for_requests(1).await;
-        let rest = fire(
-            &h,
-            (901..905)
-                .map(|i| format!("/v26.0/{i}?access_token=EAAtokenA"))
-                .collect(),
-            vec![],
-        );
-        h.wait_for_metric(QUEUED, 4.0).await;
-        h.mock.release();
-        replies(first).await;
-        for (i, reply) in replies(rest).await.into_iter().enumerate() {
+        let rest = (901..905)
+            .map(|i| format!("/v26.0/{i}?access_token=EAAtokenA"))
+            .collect();
+        let all =
+            one_held_rest_queued(&h, 0, "/v26.0/900?access_token=EAAtokenA", rest, vec![]).await;
+        for (i, reply) in all.iter().enumerate() {
             assert_eq!(reply.status, 200, "{failure:?}");
-            assert_eq!(reply.json()["id"], (901 + i).to_string());
+            assert_eq!(reply.json()["id"], (900 + i).to_string());
         }
         // 1 plain GET, 1 failed batch, 4 plain GETs: nothing retried twice.
         assert_eq!((h.mock.requests(), h.mock.batches()), (6, 1), "{failure:?}");
@@ -514,24 +493,11 @@ async fn a_late_shared_call_serves_a_young_enough_entry() {
 async fn a_throttled_batch_hands_its_answer_to_every_waiter_without_retries() {
     let h = Arc::new(Harness::with(packing(1, 60)).await);
     h.mock.set_batch_failure(BatchFailure::Throttled(4));
-    h.mock.hold("/v26.0/");
-    let first = fire(
-        &h,
-        vec!["/v26.0/950?access_token=EAAtokenA".to_owned()],
-        vec![],
-    );
-    h.mock.wait_for_requests(1).await;
-    let rest = fire(
-        &h,
-        (951..955)
-            .map(|i| format!("/v26.0/{i}?access_token=EAAtokenA"))
-            .collect(),
-        vec![],
-    );
-    h.wait_for_metric(QUEUED, 4.0).await;
-    h.mock.release();
-    replies(first).await;
-    for reply in replies(rest).await {
+    let rest = (951..955)
+        .map(|i| format!("/v26.0/{i}?access_token=EAAtokenA"))
+        .collect();
+    let all = one_held_rest_queued(&h, 0, "/v26.0/950?access_token=EAAtokenA", rest, vec![]).await;
+    for reply in &all[1..] {
         assert_eq!(reply.status, 403);
         assert_eq!(reply.json()["error"]["code"], 4);
     }

@@ -88,16 +88,8 @@ async fn usage_inside_batch_items_is_read() {
         r#"{"555":[{"type":"ads_management","call_count":61}]}"#,
     )]);
     let items = json!([{"method": "GET", "relative_url": "act_555/ads"}]);
-    let body = form_urlencoded::Serializer::new(String::new())
-        .append_pair("batch", &items.to_string())
-        .finish();
     let reply = h
-        .send(
-            Method::POST,
-            "/v26.0/?access_token=EAAtokenA",
-            &[("content-type", "application/x-www-form-urlencoded")],
-            &body,
-        )
+        .post_batch("/v26.0/?access_token=EAAtokenA", &items, &[])
         .await;
     assert_eq!(reply.status, 200);
     assert_eq!(
@@ -219,16 +211,8 @@ async fn throttling_seen_in_a_batch_item_protects_its_scope() {
         &[("x-business-use-case-usage", r#"{"3":[{"type":"ads_management","call_count":100,"estimated_time_to_regain_access":1}]}"#)],
     );
     let items = json!([{"method": "GET", "relative_url": "act_3/adsets"}]);
-    let body = form_urlencoded::Serializer::new(String::new())
-        .append_pair("batch", &items.to_string())
-        .finish();
     let reply = h
-        .send(
-            Method::POST,
-            "/v26.0/?access_token=EAAtokenA",
-            &[("content-type", "application/x-www-form-urlencoded")],
-            &body,
-        )
+        .post_batch("/v26.0/?access_token=EAAtokenA", &items, &[])
         .await;
     assert_eq!(reply.json()[0]["code"], 400);
     let calls = h.mock.requests();
@@ -341,16 +325,8 @@ async fn client_batch_items_are_protected_while_throttled() {
         {"method": "GET", "relative_url": "act_1/ads"},
         {"method": "GET", "relative_url": "act_1/adsets"},
     ]);
-    let body = form_urlencoded::Serializer::new(String::new())
-        .append_pair("batch", &items.to_string())
-        .finish();
     let reply = h
-        .send(
-            Method::POST,
-            "/v26.0/?access_token=EAAtokenA",
-            &[("content-type", "application/x-www-form-urlencoded")],
-            &body,
-        )
+        .post_batch("/v26.0/?access_token=EAAtokenA", &items, &[])
         .await;
     let entries = reply.json();
     // The stored item is served; the uncached one gets Graph's throttling

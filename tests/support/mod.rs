@@ -131,6 +131,21 @@ impl Harness {
         }
     }
 
+    /// POSTs a client batch the documented way: a form body with `batch`.
+    pub async fn post_batch(
+        &self,
+        target: &str,
+        items: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .append_pair("batch", &items.to_string())
+            .finish();
+        let mut all = vec![("content-type", "application/x-www-form-urlencoded")];
+        all.extend_from_slice(headers);
+        self.send(Method::POST, target, &all, &body).await
+    }
+
     pub async fn admin_get(&self, path: &str) -> Reply {
         let request = Request::get(format!("http://{}{}", self.admin, path))
             .body(Full::new(Bytes::new()))
