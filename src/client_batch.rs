@@ -523,7 +523,8 @@ impl Proxy {
         let caller = self
             .tokens
             .identify(top_token.as_deref(), header_token.as_deref());
-        self.observe(&answer, &Subject::of_batch(&subjects, Some(caller)));
+        let sent = forwarded.iter().map(|&i| &subjects[i]);
+        self.observe(&answer, &Subject::of_batch(sent, Some(caller)));
         if answer.status != StatusCode::OK {
             // The batch failed as a whole upstream: relay Graph's answer. Only
             // a 4xx says for sure that no write ran.

@@ -47,6 +47,9 @@ pub(crate) type FlightKey = (CacheKey, Option<HeaderValue>, u64);
 
 /// Everything the request path needs, shared by all connections.
 pub struct Proxy {
+    /// Writes and client batches detached from their client's connection:
+    /// shutdown waits for them, and their number is bounded.
+    pub(crate) detached: Detached,
     /// Rewrites paging links back to graphcache, when configured.
     pub(crate) paging: Option<crate::paging::PagingRewriter>,
     pub(crate) limits: Arc<crate::ratelimit::RateLimits>,
@@ -101,7 +104,11 @@ impl Proxy {
             }
         };
         let response = match (&self.paging, client_origin) {
-            (Some(rewriter), Some(origin)) => rewrite_paging(rewriter, response, &origin),
+            (Some(rewriter), Some(origin))
+                if outcome != Outcome::Write && response.status() == StatusCode::OK =>
+            {
+                rewrite_paging(rewriter, response, &origin)
+            }
             _ => response,
         };
         self.metrics.count_request(outcome);
@@ -662,18 +669,26 @@ impl Proxy {
         batch: crate::client_batch::ClientBatch,
         timer: &UpstreamTimer,
     ) -> Result<Handled, ProxyError> {
+        if !batch.items.iter().any(crate::client_batch::Item::is_write) {
+            // Nothing to settle after a disconnect: run on the connection.
+            let params = QueryParams::parse(parts.uri.query());
+            return self.client_batch(parts, &params, batch, timer).await;
+        }
         let (mut owned, ()) = Request::new(()).into_parts();
         owned.method = parts.method.clone();
         owned.uri = parts.uri.clone();
         owned.version = parts.version;
         owned.headers = parts.headers.clone();
         let proxy = self.clone();
-        let task = tokio::spawn(async move {
-            let params = QueryParams::parse(owned.uri.query());
-            let timer = UpstreamTimer::default();
-            let result = proxy.client_batch(&owned, &params, batch, &timer).await;
-            (result, timer.micros())
-        });
+        let task = self
+            .detached
+            .spawn(async move {
+                let params = QueryParams::parse(owned.uri.query());
+                let timer = UpstreamTimer::default();
+                let result = proxy.client_batch(&owned, &params, batch, &timer).await;
+                (result, timer.micros())
+            })
+            .await;
         let (result, upstream_us) = task.await.map_err(|_| ProxyError::FlightLost)?;
         if let Some(us) = upstream_us {
             timer.add(Duration::from_micros(us));
@@ -790,25 +805,34 @@ impl Proxy {
         let subject = self.subject_of(&parts);
         let proxy = self.clone();
         let is_write = outcome == Outcome::Write;
-        let exchange = tokio::spawn(async move {
-            let timer = UpstreamTimer::default();
-            let result = match proxy.upstream.send(request, &proxy.metrics, &timer).await {
-                Ok(response) => proxy.observe_relayed(response, &subject).await,
-                Err(error) => Err(error),
-            };
-            // Invalidate unless Graph rejected the write (4xx): a 2xx applied
-            // it, and a 5xx, a timeout or a broken connection may have.
-            let rejected = matches!(&result, Ok(r) if r.status().is_client_error());
-            if is_write && !rejected {
-                proxy.invalidate(&objects).await;
-            }
-            (result, timer.micros())
-        });
+        let exchange = self
+            .detached
+            .spawn(async move {
+                let timer = UpstreamTimer::default();
+                let result = match proxy.upstream.send(request, &proxy.metrics, &timer).await {
+                    Ok(response) => proxy.observe_relayed(response, &subject).await,
+                    Err(error) => Err(error),
+                };
+                // Invalidate unless Graph rejected the write (4xx): a 2xx applied
+                // it, and a 5xx, a timeout or a broken connection may have.
+                let rejected = matches!(&result, Ok(r) if r.status().is_client_error());
+                if is_write && !rejected {
+                    proxy.invalidate(&objects).await;
+                }
+                (result, timer.micros())
+            })
+            .await;
         let (result, upstream_us) = exchange.await.map_err(|_| ProxyError::FlightLost)?;
         if let Some(us) = upstream_us {
             timer.add(Duration::from_micros(us));
         }
-        let response = result?;
+        let response = result.map_err(|error| match error {
+            // The client's streamed body passed max_body_bytes mid-way.
+            ProxyError::UpstreamUnreachable(e) if caused_by_length_limit(&*e) => {
+                ProxyError::BodyTooLarge { limit: max_body }
+            }
+            other => other,
+        })?;
         check_encoding(&parts.headers, response.headers())?;
         let status = cache_status("method", Some(response.status().as_u16()), false, None);
         Ok(relay(&parts, response, status, outcome))
@@ -828,6 +852,47 @@ impl<'a> GaugeGuard<'a> {
 impl Drop for GaugeGuard<'_> {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// Tasks that must finish even if their client leaves (writes, client
+/// batches with writes): tracked for shutdown, bounded in number.
+pub(crate) struct Detached {
+    tracker: tokio_util::task::TaskTracker,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Detached {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            tracker: tokio_util::task::TaskTracker::new(),
+            slots: Arc::new(tokio::sync::Semaphore::new(limit)),
+        }
+    }
+
+    /// Spawns `task` once a slot is free (waiting for one if need be).
+    async fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        self.tracker.spawn(async move {
+            let output = task.await;
+            drop(slot);
+            output
+        })
+    }
+
+    /// Stops taking tasks and waits for those running.
+    pub(crate) async fn drain(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
     }
 }
 
@@ -994,10 +1059,39 @@ fn rewrite_paging(
         *body = rewritten;
     }
     if changed {
+        let headers = response.headers_mut();
         // hyper sizes a complete body itself; a relayed length would lie.
-        response.headers_mut().remove(header::CONTENT_LENGTH);
+        headers.remove(header::CONTENT_LENGTH);
+        // The bytes now differ from what Graph's strong tag names.
+        if let Some(weak) = headers.get(header::ETAG).and_then(|tag| weaken(tag)) {
+            headers.insert(header::ETAG, weak);
+        }
     }
     response
+}
+
+/// True when `error`'s chain holds a body-limit error.
+fn caused_by_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// `W/"…"` for a strong tag (weak comparison, which `If-None-Match` uses,
+/// still matches it).
+fn weaken(tag: &HeaderValue) -> Option<HeaderValue> {
+    if tag.as_bytes().starts_with(b"W/") {
+        return None;
+    }
+    let mut weak = Vec::with_capacity(tag.len() + 2);
+    weak.extend_from_slice(b"W/");
+    weak.extend_from_slice(tag.as_bytes());
+    HeaderValue::from_bytes(&weak).ok()
 }
 
 /// A 304 carrying the validator and caching headers of `headers`.

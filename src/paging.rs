@@ -14,11 +14,16 @@ use memchr::memmem::Finder;
 /// reaches it by.
 const GRAPH_ORIGIN: &str = "https://graph.facebook.com/";
 
-/// Rewrites upstream links in JSON bodies, plain and `\/`-escaped.
+/// Rewrites upstream links in the `next` and `previous` fields of JSON
+/// bodies (Graph's paging links), plain and `\/`-escaped. Links anywhere
+/// else (post messages, creative URLs) are user data and left alone.
 pub struct PagingRewriter {
-    /// Plain and escaped forms of each origin to rewrite.
-    needles: Vec<Finder<'static>>,
+    /// (needle, field, escaped) for each field, origin and escaping.
+    needles: Vec<(Finder<'static>, &'static str, bool)>,
 }
+
+/// The paging fields whose values are rewritten.
+const FIELDS: [&str; 2] = ["next", "previous"];
 
 impl PagingRewriter {
     /// For links to Graph and to `upstream` (scheme and authority only).
@@ -32,11 +37,15 @@ impl PagingRewriter {
         if configured != GRAPH_ORIGIN {
             origins.push(configured);
         }
-        let needles = origins
-            .iter()
-            .flat_map(|o| [o.clone(), o.replace('/', "\\/")])
-            .map(|n| Finder::new(n.as_bytes()).into_owned())
-            .collect();
+        let mut needles = Vec::new();
+        for origin in &origins {
+            for field in FIELDS {
+                for escaped in [false, true] {
+                    let needle = format!("\"{field}\":\"{}", escape(origin, escaped));
+                    needles.push((Finder::new(needle.as_bytes()).into_owned(), field, escaped));
+                }
+            }
+        }
         Self { needles }
     }
 
@@ -52,18 +61,25 @@ impl PagingRewriter {
             .filter(|a| !a.as_str().contains('@'))
     }
 
-    /// `body` with every upstream link pointed at `http://{client}/`; the
-    /// same bytes (no copy) when there is none.
+    /// `body` with its paging links pointed at `http://{client}/`; the same
+    /// bytes (no copy) when there is none.
     pub fn rewrite(&self, body: &Bytes, client: &Authority) -> Bytes {
-        let plain = format!("http://{client}/");
-        let escaped = plain.replace('/', "\\/");
+        let target = format!("http://{client}/");
         self.needles
             .iter()
-            .enumerate()
-            .fold(body.clone(), |body, (i, needle)| {
-                let with = if i % 2 == 0 { &plain } else { &escaped };
+            .fold(body.clone(), |body, (needle, field, escaped)| {
+                let with = format!("\"{field}\":\"{}", escape(&target, *escaped));
                 replace_all(&body, needle, with.as_bytes())
             })
+    }
+}
+
+/// A URL prefix as it appears in JSON, optionally with `/` escaped as `\/`.
+fn escape(url: &str, escaped: bool) -> String {
+    if escaped {
+        url.replace('/', "\\/")
+    } else {
+        url.to_owned()
     }
 }
 
@@ -109,6 +125,9 @@ mod tests {
         );
         let untouched = Bytes::from_static(b"{\"id\":\"1\"}");
         assert_eq!(r.rewrite(&untouched, &client).as_ptr(), untouched.as_ptr());
+        // Links that are user data stay as they are.
+        let data = Bytes::from_static(br#"{"message":"see https://graph.facebook.com/docs","link":"https:\/\/graph.facebook.com\/x"}"#);
+        assert_eq!(r.rewrite(&data, &client), data);
     }
 
     #[test]

@@ -364,6 +364,7 @@ impl RateLimits {
         }
         self.active.store(true, Ordering::Release);
         let mut scopes = self.lock();
+        prune(&mut scopes, now);
         for (scope, wait) in blocked {
             tracing::warn!(scope = ?scope, code, wait_seconds = wait.as_secs(), "Graph is throttling; serving stored entries for this scope");
             let state = scopes.entry(scope).or_insert(ScopeState {

@@ -49,6 +49,7 @@ impl Graphcache {
         let ready = Arc::new(AtomicBool::new(false));
         let limits = Arc::new(crate::ratelimit::RateLimits::new(config.throttle.clone()));
         let proxy = Arc::new(Proxy {
+            detached: crate::handler::Detached::new(config.max_connections),
             paging: config
                 .rewrite_paging_links
                 .then(|| crate::paging::PagingRewriter::new(&config.upstream)),
@@ -134,10 +135,15 @@ impl Graphcache {
         self.ready.store(false, Ordering::Release);
         drop(self.listener);
         tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining connections");
+        let drained = async {
+            graceful.shutdown().await;
+            // Writes whose clients left still settle (and invalidate).
+            self.proxy.detached.drain().await;
+        };
         tokio::select! {
-            () = graceful.shutdown() => tracing::info!("all connections drained"),
+            () = drained => tracing::info!("all connections and writes drained"),
             () = tokio::time::sleep(config.shutdown_grace) => {
-                tracing::warn!("grace period over with connections still open");
+                tracing::warn!("grace period over with connections or writes still open");
             }
         }
         let _ = admin_stop.send(());

@@ -647,16 +647,14 @@ async fn a_failed_write_invalidates_nothing_and_is_not_retried() {
 #[tokio::test]
 async fn a_read_in_flight_when_a_write_lands_does_not_store_old_data() {
     let h = Harness::with(fresh(300)).await;
-    h.mock.hold("/act_5");
+    // Only the read is held; the write to its object goes through.
+    h.mock.hold("/act_5/campaigns");
     let client = std::sync::Arc::new(h);
     let reader = {
         let h = client.clone();
         tokio::spawn(async move { h.get("/v26.0/act_5/campaigns?access_token=EAAtokenA").await })
     };
     client.mock.wait_for_requests(1).await;
-    // The read is now held upstream; a write to the same object lands.
-    client.mock.release();
-    client.mock.hold("/act_5/campaigns");
     let write = client
         .send(
             Method::POST,

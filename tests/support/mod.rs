@@ -160,6 +160,8 @@ impl Harness {
     }
 
     /// The value of one sample in /metrics, e.g. `metric("x_total{cache=\"hit\"}")`.
+    /// A sample that is not exported fails the test: a misspelt name must
+    /// not read as zero.
     pub async fn metric(&self, sample: &str) -> f64 {
         let text = self.admin_get("/metrics").await.text();
         text.lines()
@@ -168,9 +170,8 @@ impl Harness {
                     .and_then(|rest| rest.strip_prefix(' '))
             })
             .map(|v| v.trim().parse().unwrap())
-            .unwrap_or(0.0)
+            .unwrap_or_else(|| panic!("no sample {sample} in /metrics"))
     }
-
     /// Signals shutdown and waits for graphcache to finish draining.
     pub async fn stop(mut self) {
         self.shutdown.take().unwrap().send(()).ok();
