@@ -35,8 +35,6 @@ use crate::upstream::{BoxError, Upstream, UpstreamBody, UpstreamTimer};
 const MAX_GET_BODY: usize = 64 << 10;
 /// Largest write body read for the object ids it names; larger ones stream.
 const MAX_PARSED_WRITE_BODY: usize = 1 << 20;
-/// How long a client may take to send a GET body.
-const GET_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 const CACHE_STATUS: &str = "cache-status";
 const HIT: HeaderValue = HeaderValue::from_static("graphcache; hit");
@@ -190,7 +188,7 @@ impl Proxy {
         timer: &UpstreamTimer,
     ) -> Result<Handled, ProxyError> {
         let (parts, body) = request.into_parts();
-        let body = read_get_body(body).await?;
+        let body = read_get_body(body, self.config.header_read_timeout).await?;
         let path = parts.uri.path();
         let control = client_cache_control(&parts.headers);
         let policy = self.config.routes.policy_for(path);
@@ -985,11 +983,11 @@ impl FetchOutcome {
 
 /// Reads a GET body to tell "no body" (including the Node SDK's `{}`) from a
 /// real one. Reading it also keeps the keep-alive connection healthy.
-async fn read_get_body(body: Incoming) -> Result<GetBody, ProxyError> {
+async fn read_get_body(body: Incoming, timeout: Duration) -> Result<GetBody, ProxyError> {
     if body.is_end_stream() {
         return Ok(GetBody::Nothing);
     }
-    let collected = tokio::time::timeout(GET_BODY_TIMEOUT, collect_up_to(body, MAX_GET_BODY))
+    let collected = tokio::time::timeout(timeout, collect_up_to(body, MAX_GET_BODY))
         .await
         .map_err(|_| ProxyError::ClientTimeout)?
         .map_err(|e| ProxyError::ClientBody(Arc::new(e)))?;

@@ -505,3 +505,78 @@ async fn a_write_item_answered_null_still_invalidates() {
         after.cache_status()
     );
 }
+
+#[tokio::test]
+async fn a_batch_failing_whole_with_a_5xx_still_invalidates_its_writes() {
+    let h = Harness::with(fresh(60)).await;
+    h.get("/v26.0/act_4?access_token=EAAtokenA").await;
+    h.mock
+        .set_batch_failure(support::mock_graph::BatchFailure::Status(500));
+    let items = json!([{"method": "POST", "relative_url": "act_4", "body": "name=x"}]);
+    let reply = h
+        .post_batch("/v26.0/?access_token=EAAtokenA", &items, &[])
+        .await;
+    assert_eq!(reply.status, 500);
+    h.mock
+        .set_batch_failure(support::mock_graph::BatchFailure::None);
+    let after = h.get("/v26.0/act_4?access_token=EAAtokenA").await;
+    assert!(
+        after.cache_status().contains("uri-miss"),
+        "{}",
+        after.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn a_batch_whose_client_disconnects_still_invalidates_its_writes() {
+    use tokio::io::AsyncWriteExt;
+    let h = Harness::with(fresh(60)).await;
+    h.get("/v26.0/act_6/ads?access_token=EAAtokenA").await;
+    h.mock.hold("/v26.0/");
+    let items = json!([{"method": "POST", "relative_url": "act_6/ads", "body": "name=x"}]);
+    let body = form(&[("batch", &items.to_string())]);
+    let mut client = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let head = format!(
+        "POST /v26.0/?access_token=EAAtokenA HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    client.write_all(body.as_bytes()).await.unwrap();
+    h.mock.wait_for_requests(2).await;
+    drop(client);
+    h.mock.release();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.metric("graphcache_cache_invalidated_entries_total").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the batch's invalidation never ran"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let after = h.get("/v26.0/act_6/ads?access_token=EAAtokenA").await;
+    assert!(
+        after.cache_status().contains("uri-miss"),
+        "{}",
+        after.cache_status()
+    );
+}
+
+#[tokio::test]
+async fn different_tokens_in_query_and_body_keep_the_batch_out_of_the_cache() {
+    let h = Harness::with(fresh(60)).await;
+    h.get("/v26.0/90?access_token=EAAtokenA").await;
+    let items = json!([{"method": "GET", "relative_url": "90"}]);
+    let reply = h
+        .send(
+            Method::POST,
+            "/v26.0/?access_token=EAAtokenA",
+            &[FORM],
+            &form(&[("access_token", "EAAtokenB"), ("batch", &items.to_string())]),
+        )
+        .await;
+    assert_eq!(
+        reply.cache_status(),
+        "graphcache; fwd=method; fwd-status=200; detail=cached-0-of-1"
+    );
+    assert_eq!(h.mock.batches(), 1);
+}

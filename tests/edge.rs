@@ -302,3 +302,30 @@ async fn shutdown_finishes_in_flight_requests_then_stops() {
     h.wait_stopped().await;
     assert!(TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn get_bodies_over_64_kib_get_a_413_and_slow_ones_a_408() {
+    let h = Harness::with(|c| c.header_read_timeout = Duration::from_secs(1)).await;
+    let big = "x".repeat(70 << 10);
+    let reply = h
+        .send(
+            http::Method::GET,
+            "/v26.0/me?access_token=EAAx",
+            &[("content-type", "application/json")],
+            &big,
+        )
+        .await;
+    assert_eq!(reply.status, 413);
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /v26.0/me?access_token=EAAx HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_eq!(h.mock.requests(), 0);
+}

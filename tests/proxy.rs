@@ -886,3 +886,54 @@ async fn paging_links_can_point_back_at_graphcache() {
     assert_eq!(again.body, page1.body);
     assert_eq!(h.mock.requests(), 2);
 }
+
+#[tokio::test]
+async fn a_4xx_answer_to_a_revalidation_drops_the_entry() {
+    let h = Harness::with(|c| c.routes.default.max_stale = Duration::from_secs(3600)).await;
+    h.get("/v26.0/80?access_token=EAAtokenA").await;
+    // The token is no longer accepted: Graph answers the revalidation 400.
+    h.mock.throttle(190, &[]);
+    let refused = h.get("/v26.0/80?access_token=EAAtokenA").await;
+    assert_eq!(refused.status, 400);
+    h.mock.stop_throttling();
+    // No entry is left to revalidate: the next read is a plain miss.
+    let next = h.get("/v26.0/80?access_token=EAAtokenA").await;
+    assert!(
+        next.cache_status().contains("uri-miss"),
+        "{}",
+        next.cache_status()
+    );
+    assert_eq!(h.mock.seen().last().unwrap().header("if-none-match"), None);
+}
+
+#[tokio::test]
+async fn paging_links_are_left_alone_by_default_and_in_writes() {
+    let h = Harness::with(|c| c.rewrite_paging_links = false).await;
+    let page = h.get("/v26.0/act_1/ads?access_token=EAAtokenA").await;
+    assert!(page.json()["paging"]["next"]
+        .as_str()
+        .unwrap()
+        .starts_with("https://graph.facebook.com/"));
+    let rewriting = Harness::with(|c| c.rewrite_paging_links = true).await;
+    // A write's answer is never rewritten, whatever it holds.
+    let write = rewriting
+        .send(
+            Method::POST,
+            "/v26.0/act_1/ads?access_token=EAAtokenA",
+            &[],
+            "name=x",
+        )
+        .await;
+    assert_eq!(write.status, 200);
+    let page = rewriting
+        .get("/v26.0/act_1/ads?access_token=EAAtokenA")
+        .await;
+    assert!(page.json()["paging"]["next"]
+        .as_str()
+        .unwrap()
+        .starts_with("http://127.0.0.1:"));
+    assert!(
+        page.header("etag").unwrap().starts_with("W/\""),
+        "a rewritten body has a weak tag"
+    );
+}

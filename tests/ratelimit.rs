@@ -364,3 +364,19 @@ async fn async_request_set_reads_are_not_served_from_memory_under_pressure() {
     let ads = h.get("/v26.0/act_2/ads?access_token=EAAtokenA").await;
     assert_eq!(ads.cache_status(), "graphcache; hit; detail=quota-pressure");
 }
+
+#[tokio::test]
+async fn a_user_level_limit_protects_only_that_callers_reads() {
+    let h = Harness::with(|c| c.throttle.answer_locally = true).await;
+    h.mock.throttle(17, &[]);
+    let first = h.get("/v26.0/me?access_token=EAAtokenA").await;
+    assert_eq!(first.json()["error"]["code"], 17);
+    h.mock.stop_throttling();
+    let calls = h.mock.requests();
+    // Token A is answered locally; token B still reaches Graph.
+    let a = h.get("/v26.0/act_3/ads?access_token=EAAtokenA").await;
+    assert_eq!(a.header("x-graphcache-error"), Some("throttled"));
+    let b = h.get("/v26.0/act_3/ads?access_token=EAAtokenB").await;
+    assert_eq!(b.status, 200);
+    assert_eq!(h.mock.requests(), calls + 1);
+}

@@ -833,10 +833,14 @@ fn throttled(code: i64, headers: &[(String, String)]) -> Response<Full<Bytes>> {
     } else {
         StatusCode::BAD_REQUEST
     };
-    let body = json!({"error": {
+    let mut body = json!({"error": {
         "message": format!("(#{code}) There have been too many calls. Wait a bit and try again."),
-        "type": "OAuthException", "code": code, "error_subcode": 2446079, "is_transient": true,
+        "type": "OAuthException", "code": code, "is_transient": true,
         "fbtrace_id": "AmFGcW_3hwDB7qFbl_QdebZ"}});
+    // Business use-case limits carry a subcode; app and user limits do not.
+    if (80_000..=80_014).contains(&code) {
+        body["error"]["error_subcode"] = json!(2446079);
+    }
     let mut response = json_response(status, body, &HeaderMap::new(), "");
     for (name, value) in headers {
         response.headers_mut().insert(
