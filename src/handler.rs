@@ -1061,7 +1061,7 @@ fn rewrite_paging(
         // hyper sizes a complete body itself; a relayed length would lie.
         headers.remove(header::CONTENT_LENGTH);
         // The bytes now differ from what Graph's strong tag names.
-        if let Some(weak) = headers.get(header::ETAG).and_then(|tag| weaken(tag)) {
+        if let Some(weak) = headers.get(header::ETAG).and_then(weaken) {
             headers.insert(header::ETAG, weak);
         }
     }
