@@ -103,6 +103,7 @@ pub struct RawConfig {
     quota_ttl_max: Option<u64>,
     usage_label_limit: Option<u64>,
     rewrite_paging_links: Option<bool>,
+    upstream_ca_file: Option<PathBuf>,
     #[serde(default)]
     route: Vec<RawRoute>,
 }
@@ -150,6 +151,9 @@ pub struct Config {
     pub throttle: ThrottleSettings,
     /// Point `paging.next`/`previous` links in answers back at graphcache.
     pub rewrite_paging_links: bool,
+    /// Extra roots trusted for the upstream's TLS certificate, besides the
+    /// WebPKI roots (a private upstream, a test double).
+    pub upstream_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// Sharing of identical concurrent reads.
@@ -161,7 +165,7 @@ pub struct CoalesceSettings {
 }
 
 /// Every top-level key, for environment lookup and messages.
-pub const KEYS: [&str; 32] = [
+pub const KEYS: [&str; 33] = [
     "listen",
     "admin_listen",
     "upstream",
@@ -193,6 +197,7 @@ pub const KEYS: [&str; 32] = [
     "quota_ttl_max",
     "usage_label_limit",
     "rewrite_paging_links",
+    "upstream_ca_file",
     "route",
 ];
 
@@ -409,7 +414,12 @@ impl RawConfig {
                 positive("usage_label_limit", self.usage_label_limit, 100)?,
             )?,
         };
+        let upstream_ca = match &self.upstream_ca_file {
+            Some(path) => load_certificates(path)?,
+            None => Vec::new(),
+        };
         let config = Config {
+            upstream_ca,
             rewrite_paging_links: self.rewrite_paging_links.unwrap_or(false),
             throttle,
             coalesce: CoalesceSettings {
@@ -472,6 +482,27 @@ impl RawConfig {
         config.check_bounds()?;
         Ok(config)
     }
+}
+
+/// The certificates of a PEM file, for `upstream_ca_file`.
+fn load_certificates(
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    let bad = |why: String| {
+        ConfigError::Invalid(format!(
+            "upstream_ca_file = {:?} {why}; expected a PEM file of CA certificates",
+            path.display().to_string()
+        ))
+    };
+    let certificates = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(format!("cannot be read ({e})")))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("is not valid PEM ({e})")))?;
+    if certificates.is_empty() {
+        return Err(bad("holds no certificate".to_owned()));
+    }
+    Ok(certificates)
 }
 
 /// Longest timeout accepted: a day.

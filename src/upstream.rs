@@ -46,6 +46,23 @@ impl UpstreamTimer {
     }
 }
 
+/// WebPKI roots plus any configured `upstream_ca_file` certificates (checked
+/// when the configuration was loaded).
+fn root_store(config: &Config) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let (added, ignored) = roots.add_parsable_certificates(config.upstream_ca.iter().cloned());
+    if ignored > 0 {
+        tracing::warn!(
+            added,
+            ignored,
+            "some upstream_ca_file certificates are not usable as roots"
+        );
+    }
+    roots
+}
+
 /// The configured upstream and a pooled client for it.
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
@@ -69,9 +86,7 @@ impl Upstream {
         ))
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
-        .with_root_certificates(rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        })
+        .with_root_certificates(root_store(config))
         .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)

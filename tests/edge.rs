@@ -329,3 +329,71 @@ async fn get_bodies_over_64_kib_get_a_413_and_slow_ones_a_408() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert_eq!(h.mock.requests(), 0);
 }
+
+#[tokio::test]
+async fn a_tls_upstream_is_reached_over_http2_by_alpn() {
+    let (mock, ca_pem) = support::MockGraph::start_tls().await;
+    let dir = std::env::temp_dir().join(format!("graphcache-ca-{}.pem", rand::random::<u64>()));
+    std::fs::write(&dir, &ca_pem).unwrap();
+    let config = graphcache::Config::load(
+        &graphcache::Cli::default(),
+        [
+            (
+                "GRAPHCACHE_UPSTREAM".to_owned(),
+                format!("https://localhost:{}", mock.addr.port()),
+            ),
+            (
+                "GRAPHCACHE_UPSTREAM_CA_FILE".to_owned(),
+                dir.display().to_string(),
+            ),
+            ("GRAPHCACHE_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+            (
+                "GRAPHCACHE_ADMIN_LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
+            ("GRAPHCACHE_ACCESS_LOG".to_owned(), "false".to_owned()),
+        ],
+    )
+    .unwrap();
+    std::fs::remove_file(&dir).unwrap();
+    let h = Harness::start_with_mock(mock, config).await;
+    let first = h.get("/v26.0/act_1/ads?access_token=EAAx").await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let second = h.get("/v26.0/act_1/ads?access_token=EAAx").await;
+    assert_eq!(
+        second.cache_status(),
+        "graphcache; fwd=stale; fwd-status=304"
+    );
+    let seen = h.mock.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter().all(|s| s.version == http::Version::HTTP_2),
+        "{:?}",
+        seen.iter().map(|s| s.version).collect::<Vec<_>>()
+    );
+    // Without the CA, the self-signed upstream is refused: a 502, never plain text.
+    let (untrusted, _) = support::MockGraph::start_tls().await;
+    let mut config = support::test_config(&format!("https://localhost:{}", untrusted.addr.port()));
+    config.upstream_ca.clear();
+    let refused = Harness::start_with_mock(untrusted, config).await;
+    let reply = refused.get("/v26.0/me?access_token=EAAx").await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(refused.mock.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_bad_upstream_ca_file_is_a_config_error() {
+    let err = graphcache::Config::load(
+        &graphcache::Cli::default(),
+        [(
+            "GRAPHCACHE_UPSTREAM_CA_FILE".to_owned(),
+            "/nonexistent/ca.pem".to_owned(),
+        )],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("upstream_ca_file") && err.contains("/nonexistent/ca.pem"),
+        "{err}"
+    );
+}

@@ -38,6 +38,7 @@ pub enum Outage {
 /// One request as the mock received it.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    pub version: http::Version,
     pub method: Method,
     pub path: String,
     pub query: String,
@@ -115,6 +116,35 @@ impl MockGraph {
     }
 
     pub async fn start_on(addr: SocketAddr) -> Self {
+        Self::serve(addr, None).await
+    }
+
+    /// Starts the mock behind TLS with a self-signed certificate for
+    /// `localhost`, offering HTTP/2 and HTTP/1.1 by ALPN as Graph does.
+    /// Returns the mock and its certificate as PEM, to trust it.
+    pub async fn start_tls() -> (Self, String) {
+        use tokio_rustls::rustls;
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let pem = certified.cert.pem();
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        (
+            Self::serve("127.0.0.1:0".parse().unwrap(), Some(acceptor)).await,
+            pem,
+        )
+    }
+
+    async fn serve(addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind(addr).await.expect("mock binds");
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
@@ -141,22 +171,16 @@ impl MockGraph {
                     continue;
                 };
                 let state = serve_state.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        let state = state.clone();
-                        async move {
-                            let response = handle(state.clone(), req).await;
-                            if *state.outage.lock().unwrap() == Outage::Close {
-                                // An error from the service makes hyper drop
-                                // the connection without an answer.
-                                return Err(std::io::Error::other("outage"));
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                serve_connection(state, TokioIo::new(stream)).await;
                             }
-                            Ok::<_, std::io::Error>(response)
                         }
-                    });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                        None => serve_connection(state, TokioIo::new(stream)).await,
+                    }
                 });
             }
         });
@@ -280,6 +304,28 @@ impl MockGraph {
     }
 }
 
+/// Serves one connection, HTTP/1.1 or HTTP/2.
+async fn serve_connection<IO>(state: Arc<State>, io: IO)
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move {
+            let response = handle(state.clone(), req).await;
+            if *state.outage.lock().unwrap() == Outage::Close {
+                // An error from the service makes hyper drop the connection
+                // without an answer.
+                return Err(std::io::Error::other("outage"));
+            }
+            Ok::<_, std::io::Error>(response)
+        }
+    });
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(io, service)
+        .await;
+}
+
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let body = body
@@ -290,6 +336,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or("").to_owned();
     let seen = Seen {
+        version: parts.version,
         method: parts.method.clone(),
         path: path.clone(),
         query: query.clone(),
