@@ -7,34 +7,15 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use support::{test_config, Harness, MockGraph};
+use support::{test_config, timed_get, Harness, HttpClient, MockGraph};
 
 const LATENCY: Duration = Duration::from_millis(20);
 const CONCURRENT: usize = 200;
 const LONE: usize = 100;
-
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
-
-async fn get(client: &HttpClient, uri: String) -> Duration {
-    let started = Instant::now();
-    let response = client
-        .request(
-            http::Request::get(uri)
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.into_body().collect().await.unwrap();
-    started.elapsed()
-}
 
 /// Fires all `uris` at once; returns the sorted latencies.
 async fn burst(client: &HttpClient, uris: Vec<String>) -> Vec<Duration> {
@@ -42,7 +23,7 @@ async fn burst(client: &HttpClient, uris: Vec<String>) -> Vec<Duration> {
         .into_iter()
         .map(|uri| {
             let client = client.clone();
-            tokio::spawn(async move { get(&client, uri).await })
+            tokio::spawn(async move { timed_get(&client, &uri).await })
         })
         .collect();
     let mut latencies = Vec::new();
@@ -98,9 +79,9 @@ async fn main() {
         let mut latencies = Vec::new();
         for i in 0..LONE {
             latencies.push(
-                get(
+                timed_get(
                     &client,
-                    format!(
+                    &format!(
                         "{base}/v26.0/{}?access_token=EAAlone{name_len}",
                         10_000 + i,
                         name_len = name.len()

@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{test_config, Harness, MockGraph};
+use support::{test_config, timed_get, Harness, MockGraph};
 
 struct Counting;
 
@@ -42,19 +42,7 @@ const REQUESTS: u64 = 5_000;
 
 async fn per_request(uri: &str) -> f64 {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let get = || async {
-        let response = client
-            .request(
-                http::Request::get(uri)
-                    .header("user-agent", "bench")
-                    .body(Full::new(Bytes::new()))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        response.into_body().collect().await.unwrap();
-    };
+    let get = || timed_get(&client, uri);
     for _ in 0..100 {
         get().await;
     }

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use support::{test_config, Harness, MockGraph};
+use support::{test_config, timed_get, Harness, MockGraph};
 
 const REQUESTS: usize = 20_000;
 const CONCURRENCY: usize = 32;
@@ -44,19 +44,8 @@ async fn run(
                 if i >= REQUESTS {
                     break latencies;
                 }
-                let t = Instant::now();
                 let uri = format!("{base}{}", target(i));
-                let response = client
-                    .request(
-                        http::Request::get(uri)
-                            .body(Full::new(Bytes::new()))
-                            .unwrap(),
-                    )
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 200);
-                response.into_body().collect().await.unwrap();
-                latencies.push(t.elapsed());
+                latencies.push(timed_get(&client, &uri).await);
             }
         }));
     }

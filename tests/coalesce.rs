@@ -161,11 +161,8 @@ async fn a_waiter_past_its_bound_gets_a_504_and_the_call_goes_on() {
     assert_eq!(reply.header("x-graphcache-error"), Some("coalesce_timeout"));
     h.mock.release();
     // The shared call finished and stored its answer for later requests.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while h.metric("graphcache_cache_entries").await < 1.0 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    h.wait_for_metric_at_least("graphcache_cache_entries", 1.0)
+        .await;
     assert_eq!(h.get(target).await.cache_status(), "graphcache; hit");
     assert_eq!(h.mock.requests(), 1);
 }

@@ -35,6 +35,10 @@ impl Reply {
     pub fn cache_status(&self) -> &str {
         self.header("cache-status").unwrap_or("")
     }
+    /// True when graphcache had no entry and fetched the answer.
+    pub fn is_miss(&self) -> bool {
+        self.cache_status().contains("fwd=uri-miss")
+    }
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("body is JSON ({e}): {:?}", self.body))
@@ -195,7 +199,41 @@ pub async fn dead_address() -> SocketAddr {
     addr
 }
 
+/// The client benches share.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// One GET for benches: asserts a 200, reads the whole body, and returns how
+/// long it took.
+pub async fn timed_get(client: &HttpClient, uri: &str) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    let request = Request::get(uri)
+        .header("user-agent", "bench")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
+    started.elapsed()
+}
+
 impl Harness {
+    /// Waits until the counter sample reaches at least `min` (bounded), for
+    /// work that finishes after the response (detached writes, shared calls).
+    pub async fn wait_for_metric_at_least(&self, sample: &str, min: f64) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let got = self.metric(sample).await;
+            if got >= min {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{sample} stayed at {got}, expected at least {min}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits until the metric sample reaches `value` (bounded; polls the
     /// admin endpoint, which is the signal graphcache gives).
     pub async fn wait_for_metric(&self, sample: &str, value: f64) {
