@@ -11,14 +11,14 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::body::ResponseBody;
-use crate::cache::Store;
+use crate::cache::MemoryStore;
 use crate::metrics::Metrics;
 
 /// What the admin endpoints read.
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub limits: Arc<crate::ratelimit::RateLimits>,
-    pub store: Store,
+    pub store: MemoryStore,
     /// True while the proxy listener accepts; false once draining starts.
     pub ready: Arc<AtomicBool>,
 }

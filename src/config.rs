@@ -13,9 +13,8 @@ use clap::Parser;
 use http::Uri;
 use serde::Deserialize;
 
-use crate::dispatch::PackingSettings;
-use crate::ratelimit::ThrottleSettings;
-use crate::routes::{CachePolicy, RoutePolicies, RouteRule};
+use crate::graph::batch::MAX_ITEMS;
+use crate::graph::routes::{CachePolicy, RoutePolicies, RouteRule};
 
 /// Command line. The flag names are a contract with users: keep them.
 #[derive(Debug, Default, Parser)]
@@ -162,6 +161,49 @@ pub struct CoalesceSettings {
     pub enabled: bool,
     /// How long a request waits for a shared call before a 504.
     pub wait: Duration,
+}
+
+/// Throttle protection settings.
+#[derive(Debug, Clone)]
+pub struct ThrottleSettings {
+    /// How long a scope stays throttled when the answer names no time.
+    pub backoff: Duration,
+    /// Usage ratio (0..1) from which a scope is under pressure.
+    pub pressure_threshold: f64,
+    /// Answer GETs without an entry locally while throttled, with Graph's
+    /// throttling envelope, instead of forwarding them.
+    pub answer_locally: bool,
+    /// Quota-aware freshness: from this usage ratio on, fresh TTLs stretch
+    /// linearly up to `quota_ttl_max` at 100 %. None = off.
+    pub quota_ttl_from: Option<f64>,
+    pub quota_ttl_max: Duration,
+    /// Distinct business and account ids kept as metric labels.
+    pub label_limit: usize,
+}
+
+impl Default for ThrottleSettings {
+    fn default() -> Self {
+        Self {
+            backoff: Duration::from_secs(60),
+            pressure_threshold: 0.95,
+            answer_locally: false,
+            quota_ttl_from: None,
+            quota_ttl_max: Duration::from_secs(300),
+            label_limit: 100,
+        }
+    }
+}
+
+/// Packing of distinct cacheable GETs into Graph batches.
+#[derive(Debug, Clone)]
+pub struct PackingSettings {
+    pub enabled: bool,
+    /// Upstream calls in flight per group before GETs queue for a batch.
+    pub max_in_flight: usize,
+    /// Items per batch, at most 50.
+    pub max_items: usize,
+    /// Optional wait to collect GETs into a batch; zero by default.
+    pub window: Duration,
 }
 
 /// Every top-level key, for environment lookup and messages.
@@ -380,12 +422,12 @@ impl RawConfig {
         let batch_max_items = positive(
             "batch_max_items",
             self.batch_max_items,
-            crate::batch::MAX_ITEMS as u64,
+            MAX_ITEMS as u64,
         )?;
-        if batch_max_items > crate::batch::MAX_ITEMS as u64 {
+        if batch_max_items > MAX_ITEMS as u64 {
             return Err(ConfigError::Invalid(format!(
                 "batch_max_items = {batch_max_items} is too large; Graph allows at most {} items per batch",
-                crate::batch::MAX_ITEMS
+                MAX_ITEMS
             )));
         }
         let upstream_timeout = positive("upstream_timeout", self.upstream_timeout, 60)?;
@@ -420,7 +462,7 @@ impl RawConfig {
         };
         let config = Config {
             upstream_ca,
-            rewrite_paging_links: self.rewrite_paging_links.unwrap_or(false),
+            rewrite_paging_links: self.rewrite_paging_links.unwrap_or(true),
             throttle,
             coalesce: CoalesceSettings {
                 enabled: self.coalesce.unwrap_or(true),

@@ -8,6 +8,8 @@ use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::{Response, StatusCode};
 
 use crate::body::ResponseBody;
+use crate::client_batch::BatchInputError;
+use crate::upstream::UpstreamError;
 
 /// Marks a response as made by graphcache rather than by Graph.
 pub const PROXY_ERROR_HEADER: &str = "x-graphcache-error";
@@ -29,22 +31,14 @@ pub enum ProxyError {
     ClientTimeout,
     #[error("reading the request body failed: {0}")]
     ClientBody(#[source] Arc<hyper::Error>),
-    #[error("the upstream could not be reached: {0}")]
-    UpstreamUnreachable(#[source] Arc<hyper_util::client::legacy::Error>),
-    #[error("the upstream failed while sending its answer: {0}")]
-    UpstreamBody(#[source] Arc<hyper::Error>),
-    #[error("the upstream did not answer within {0:?}")]
-    UpstreamTimeout(std::time::Duration),
-    #[error("the upstream answer is larger than the configured limit of {limit} bytes")]
-    UpstreamTooLarge { limit: usize },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
     #[error("the shared upstream call for this request did not finish within {0:?}")]
     CoalesceTimeout(std::time::Duration),
     #[error("the shared upstream call for this request failed")]
     FlightLost,
-    #[error("an upstream batch failed as a whole: {0}")]
-    BatchFailed(String),
     #[error("{0}")]
-    BadBatch(crate::client_batch::BatchInputError),
+    BadBatch(#[from] BatchInputError),
     #[error("(#{code}) Graph is throttling this app or account; graphcache answers for it until access returns in {} s", remaining.as_secs())]
     Throttled {
         code: i64,
@@ -67,13 +61,11 @@ impl ProxyError {
             Self::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UpstreamUnreachable(_)
-            | Self::UpstreamBody(_)
-            | Self::UpstreamEncoding
-            | Self::UpstreamTooLarge { .. }
-            | Self::FlightLost
-            | Self::BatchFailed(_) => StatusCode::BAD_GATEWAY,
-            Self::UpstreamTimeout(_) | Self::CoalesceTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Upstream(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
+            Self::Upstream(_) | Self::UpstreamEncoding | Self::FlightLost => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::CoalesceTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -83,10 +75,7 @@ impl ProxyError {
     fn graph_code(&self) -> i64 {
         if let Self::Throttled { code, .. } = self {
             *code
-        } else if matches!(
-            self,
-            Self::BadBatch(crate::client_batch::BatchInputError::TooMany)
-        ) {
+        } else if matches!(self, Self::BadBatch(BatchInputError::TooMany)) {
             // What Graph answers for more than 50 items.
             1
         } else if self.status().is_server_error() {
@@ -106,14 +95,10 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::ClientBody(_) => "client_body",
             Self::ClientTimeout => "client_timeout",
-            Self::UpstreamUnreachable(_) => "upstream_unreachable",
-            Self::UpstreamBody(_) => "upstream_body",
-            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::Upstream(e) => e.kind(),
             Self::UpstreamEncoding => "upstream_encoding",
-            Self::UpstreamTooLarge { .. } => "upstream_too_large",
             Self::CoalesceTimeout(_) => "coalesce_timeout",
             Self::FlightLost => "flight_lost",
-            Self::BatchFailed(_) => "batch_failed",
             Self::BadBatch(_) => "bad_batch",
             Self::Throttled { .. } => "throttled",
         }
@@ -192,8 +177,13 @@ mod tests {
         assert_eq!(ProxyError::BadRequest("x").status(), 400);
         assert_eq!(ProxyError::BodyTooLarge { limit: 1 }.status(), 413);
         assert_eq!(
-            ProxyError::UpstreamTimeout(std::time::Duration::ZERO).status(),
+            ProxyError::from(UpstreamError::Timeout(std::time::Duration::ZERO)).status(),
             504
+        );
+        assert_eq!(ProxyError::from(UpstreamError::Lost).status(), 502);
+        assert_eq!(
+            ProxyError::from(UpstreamError::TooLarge { limit: 1 }).kind(),
+            "upstream_too_large"
         );
         assert_eq!(ProxyError::UpstreamEncoding.status(), 502);
         assert_eq!(ProxyError::Connect.status(), 405);

@@ -1,44 +1,43 @@
 //! graphcache: a caching reverse proxy sidecar for Meta's Graph API.
 //!
-//! One module per stage of the request path:
-//! - [`server`]: listeners, HTTP/1.1 and HTTP/2 connections, graceful drain;
-//! - [`handler`]: classify each request, serve from cache, revalidate, fetch,
-//!   pass writes through and invalidate;
-//! - [`key`]: cache keys and token identities (blake3; tokens never stored);
-//! - [`routes`]: per-route cache policy and the Graph objects a request touches;
-//! - [`cache`]: the byte-bounded store and its object index;
-//! - [`coalesce`]: identical concurrent reads share one upstream call;
-//! - [`dispatch`]: reads go upstream alone, or packed into Graph batches;
-//! - [`batch`]: the Graph batch wire format;
-//! - [`client_batch`]: client batches answered item by item from the cache;
-//! - [`upstream`]: the pooled rustls client for the one configured upstream;
-//! - [`paging`]: optional rewriting of paging links back to graphcache;
-//! - [`headers`], [`body`], [`redact`]: small pure helpers;
-//! - [`error`]: errors graphcache makes, rendered as Graph error envelopes;
-//! - [`usage`], [`ratelimit`]: Graph's usage headers and throttle protection;
-//! - [`metrics`], [`admin`]: Prometheus metrics and the admin listener;
-//! - [`config`]: flags, environment, TOML file, validation.
+//! The request path, top to bottom; each stage calls only those below it:
+//!
+//! 1. [`server`]: listeners, HTTP/1.1 and HTTP/2 connections, limits, drain;
+//! 2. `proxy`: the edge ([`proxy::Proxy::handle`]) and the stages:
+//!    classify once into a typed request → lookup (hit, protection) → read,
+//!    bypass, write or client batch → settle in the cache → respond;
+//! 3. `client_batch`: parse, plan and reply for client batch requests;
+//! 4. `upstream`: one request builder and header policy, the pooled rustls
+//!    client, the batch packer and single-flight;
+//! 5. `cache`: the store behind a trait, keys, caller identities, entries;
+//! 6. `graph`: Graph vocabulary (query, routes and objects, batch wire
+//!    format, usage headers, paging links);
+//! 7. `ratelimit`: usage headers into metrics, throttle protection state.
+//!
+//! Beside it: [`config`] (flags, environment, TOML), `metrics` and `admin`
+//! (Prometheus, `/healthz`, `/readyz`), `error` (envelopes rendered once),
+//! and the small pure helpers `headers`, `body` and `redact`.
 
-pub mod admin;
-pub mod batch;
-pub mod body;
-pub mod cache;
-pub mod client_batch;
-pub mod coalesce;
 pub mod config;
-pub mod dispatch;
-pub mod error;
-pub mod handler;
-pub mod headers;
-pub mod key;
-pub mod metrics;
-pub mod paging;
-pub mod ratelimit;
-pub mod redact;
-pub mod routes;
 pub mod server;
-pub mod upstream;
-pub mod usage;
+
+pub(crate) mod admin;
+pub(crate) mod body;
+pub(crate) mod cache;
+pub(crate) mod client_batch;
+pub(crate) mod error;
+pub(crate) mod graph;
+pub(crate) mod headers;
+pub(crate) mod metrics;
+pub(crate) mod proxy;
+pub(crate) mod ratelimit;
+pub(crate) mod redact;
+pub(crate) mod upstream;
 
 pub use config::{Cli, Config};
 pub use server::Graphcache;
+
+/// Route rules, for embedders and tests that build a [`Config`] in code.
+pub mod routes {
+    pub use crate::graph::routes::{CachePolicy, RoutePolicies, RouteRule};
+}

@@ -6,7 +6,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::cache::Store;
+use crate::cache::MemoryStore;
 
 pub const REQUESTS: &str = "graphcache_requests_total";
 pub const UPSTREAM_REQUESTS: &str = "graphcache_upstream_requests_total";
@@ -422,7 +422,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with cache and throttle gauges read now.
-    pub async fn render(&self, store: &Store, throttled_scopes: usize) -> String {
+    pub async fn render(&self, store: &MemoryStore, throttled_scopes: usize) -> String {
         self.usage.throttled_scopes.set(throttled_scopes as i64);
         store.sync().await;
         self.cache_entries.set(store.entry_count() as i64);

@@ -10,41 +10,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, StatusCode};
 
-use crate::key::TokenIdentity;
+use crate::cache::TokenIdentity;
+pub use crate::config::ThrottleSettings;
 use crate::metrics::Metrics;
-use crate::routes::ObjectId;
-use crate::usage::{self, UsageError};
-
-/// Throttle protection settings (validated config).
-#[derive(Debug, Clone)]
-pub struct ThrottleSettings {
-    /// How long a scope stays throttled when the answer names no time.
-    pub backoff: Duration,
-    /// Usage ratio (0..1) from which a scope is under pressure.
-    pub pressure_threshold: f64,
-    /// Answer GETs without an entry locally while throttled, with Graph's
-    /// throttling envelope, instead of forwarding them.
-    pub answer_locally: bool,
-    /// Quota-aware freshness: from this usage ratio on, fresh TTLs stretch
-    /// linearly up to `quota_ttl_max` at 100 %. None = off.
-    pub quota_ttl_from: Option<f64>,
-    pub quota_ttl_max: Duration,
-    /// Distinct business and account ids kept as metric labels.
-    pub label_limit: usize,
-}
-
-impl Default for ThrottleSettings {
-    fn default() -> Self {
-        Self {
-            backoff: Duration::from_secs(60),
-            pressure_threshold: 0.95,
-            answer_locally: false,
-            quota_ttl_from: None,
-            quota_ttl_max: Duration::from_secs(300),
-            label_limit: 100,
-        }
-    }
-}
+use crate::graph::routes::ObjectId;
+use crate::graph::usage::{self, UsageError};
 
 /// Whose quota an answer speaks about.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -72,7 +42,7 @@ pub struct Subject {
 impl Subject {
     /// The subject of a single request to `path` by `caller`.
     pub fn of_request(path: &str, caller: Option<TokenIdentity>) -> Self {
-        let node = crate::routes::path_node(path);
+        let node = crate::graph::routes::path_node(path);
         Self {
             account: node
                 .filter(|n| n.starts_with("act_"))
@@ -517,7 +487,7 @@ fn unix_now() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routes::objects_of;
+    use crate::graph::routes::objects_of;
     use http::HeaderValue;
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
@@ -638,10 +608,16 @@ mod tests {
     fn user_level_limits_throttle_only_their_caller() {
         let limits = RateLimits::new(ThrottleSettings::default());
         let metrics = Metrics::new();
-        let hasher = crate::key::TokenHasher::with_secret([5; 32]);
+        let hasher = crate::cache::TokenHasher::with_secret([5; 32]);
         let (a, b) = (
-            hasher.identify(Some("a"), None),
-            hasher.identify(Some("b"), None),
+            hasher.identify(&crate::cache::identity::Credentials {
+                token: Some("a"),
+                ..Default::default()
+            }),
+            hasher.identify(&crate::cache::identity::Credentials {
+                token: Some("b"),
+                ..Default::default()
+            }),
         );
         let body = br#"{"error":{"code":17,"message":"(#17) User request limit reached"}}"#;
         limits.observe_answer(

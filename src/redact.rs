@@ -1,6 +1,6 @@
 //! Redaction of credentials from anything that is logged.
 
-use crate::key::CREDENTIAL_PARAMS;
+use crate::graph::query::CREDENTIAL_PARAMS;
 
 /// Further query parameters that carry secrets: OAuth flows, and `batch`,
 /// whose items may carry their own `access_token`.

@@ -14,12 +14,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::admin::Admin;
-use crate::cache::Store;
+use crate::cache::MemoryStore;
 use crate::config::Config;
-use crate::handler::Proxy;
-use crate::key::TokenHasher;
 use crate::metrics::Metrics;
-use crate::upstream::Upstream;
+use crate::proxy::Proxy;
+use crate::ratelimit::RateLimits;
 
 /// A bound, not yet running graphcache: both listeners are open, so a caller
 /// (or a test) can learn the ephemeral ports before traffic starts.
@@ -32,36 +31,31 @@ pub struct Graphcache {
 }
 
 impl Graphcache {
-    /// Binds the client and admin listeners and builds the shared state.
+    /// Binds the client and admin listeners and builds the shared state, in
+    /// order: metrics, store, rate-limit state, then the request path.
     pub async fn bind(config: Config) -> std::io::Result<Self> {
         let listener = TcpListener::bind(config.listen).await?;
         let admin_listener = TcpListener::bind(config.admin_listen).await?;
+        // 1. Metrics, which every other part reports to.
         let metrics = Arc::new(Metrics::new());
+        // 2. The store; write marks must outlive any read in flight, and
+        //    reads time out upstream.
         let evictions = metrics.clone();
-        // Write marks must outlive any read in flight: reads time out upstream.
-        let write_memory = config.upstream_timeout * 2;
-        let store = Store::new(
+        let store = MemoryStore::new(
             config.cache_max_bytes,
-            write_memory,
+            config.upstream_timeout * 2,
             Arc::new(move |cause| evictions.count_eviction(cause)),
         );
-        let upstream = Upstream::new(&config);
+        // 3. Graph's usage and throttle state.
+        let limits = Arc::new(RateLimits::new(config.throttle.clone()));
+        // 4. The request path: upstream client, packer, flights.
+        let proxy = Arc::new(Proxy::new(
+            Arc::new(config),
+            store.clone(),
+            limits.clone(),
+            metrics.clone(),
+        ));
         let ready = Arc::new(AtomicBool::new(false));
-        let limits = Arc::new(crate::ratelimit::RateLimits::new(config.throttle.clone()));
-        let proxy = Arc::new(Proxy {
-            detached: crate::handler::Detached::new(config.max_connections),
-            paging: config
-                .rewrite_paging_links
-                .then(|| crate::paging::PagingRewriter::new(&config.upstream)),
-            limits: limits.clone(),
-            flights: Default::default(),
-            groups: Default::default(),
-            config: Arc::new(config),
-            store: store.clone(),
-            upstream,
-            metrics: metrics.clone(),
-            tokens: TokenHasher::random(),
-        });
         let admin = Arc::new(Admin {
             metrics,
             limits,
@@ -138,7 +132,7 @@ impl Graphcache {
         let drained = async {
             graceful.shutdown().await;
             // Writes whose clients left still settle (and invalidate).
-            self.proxy.detached.drain().await;
+            self.proxy.drain().await;
         };
         tokio::select! {
             () = drained => tracing::info!("all connections and writes drained"),

@@ -78,10 +78,11 @@ async fn python_sdk_batches_are_stored_like_single_gets_and_then_served_whole() 
         "access_token=EAAtokenA&appsecret_proof=9967"
     );
 
-    // The item answers were stored under the single GET's key.
+    // The item answers were stored under the single GET's key, for the
+    // same token and proof.
     let single = h
         .get_with(
-            "/v26.0/111/?fields=name&access_token=EAAtokenA",
+            "/v26.0/111/?fields=name&access_token=EAAtokenA&appsecret_proof=9967",
             &[("user-agent", PY_UA)],
         )
         .await;

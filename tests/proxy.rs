@@ -19,7 +19,8 @@ fn fresh(seconds: u64) -> impl FnOnce(&mut graphcache::Config) {
 
 #[tokio::test]
 async fn miss_is_stored_then_revalidated_with_the_stored_etag() {
-    let h = Harness::start().await;
+    // Graph's own tags, so the listing's paging links stay as Graph sent them.
+    let h = Harness::with(|c| c.rewrite_paging_links = false).await;
     let first = h
         .get("/v26.0/act_1/campaigns?access_token=EAAtokenA&fields=name")
         .await;
@@ -141,7 +142,7 @@ async fn client_conditional_matching_the_entry_gets_a_304() {
 }
 
 #[tokio::test]
-async fn client_conditional_without_an_entry_is_forwarded_and_the_304_relayed() {
+async fn client_conditional_on_a_miss_fills_the_cache_and_is_answered_locally() {
     let h = Harness::start().await;
     let body =
         serde_json::to_vec(&serde_json::json!({"id": "9", "name": "Object 9", "version": 0}))
@@ -155,8 +156,25 @@ async fn client_conditional_without_an_entry_is_forwarded_and_the_304_relayed() 
         .await;
     assert_eq!(reply.status, 304);
     assert!(reply.body.is_empty());
-    assert_eq!((h.mock.conditional(), h.mock.not_modified()), (1, 1));
+    // Fetched whole (nginx and Varnish do the same), stored, and the
+    // client's conditional answered here.
+    assert_eq!((h.mock.conditional(), h.mock.not_modified()), (0, 0));
+    assert_eq!(h.mock.last().header("if-none-match"), None);
+    let status = reply.cache();
+    assert_eq!(status.fwd.as_deref(), Some("uri-miss"));
+    assert!(status.stored);
+    assert_eq!(reply.header("etag"), Some(etag.as_str()));
+    // The next conditional revalidates graphcache's own entry.
+    let again = h
+        .get_with(
+            "/v26.0/9?access_token=EAAtokenA",
+            &[("if-none-match", &etag), ("user-agent", "curl/8")],
+        )
+        .await;
+    assert_eq!(again.status, 304);
+    assert_eq!(again.cache().fwd.as_deref(), Some("stale"));
     assert_eq!(h.mock.last().header("if-none-match"), Some(etag.as_str()));
+    assert_eq!((h.mock.requests(), h.mock.not_modified()), (2, 1));
 }
 
 #[tokio::test]
@@ -234,9 +252,14 @@ async fn query_order_and_encoding_share_one_entry() {
         .await;
     assert_eq!(other.cache_status(), "graphcache; hit");
     assert_eq!(h.mock.requests(), 1);
-    // appsecret_proof is not part of the key either.
+    // appsecret_proof is part of the caller's identity: a request with
+    // another (or no) proof never gets this entry, but its own.
     let proof = h
         .get("/v24.0/1?appsecret_proof=abc&fields=name,status&access_token=EAAtokenA")
+        .await;
+    assert!(proof.is_miss());
+    let proof = h
+        .get("/v24.0/1?fields=name%2Cstatus&access_token=EAAtokenA&appsecret_proof=abc")
         .await;
     assert_eq!(proof.cache_status(), "graphcache; hit");
 }
@@ -863,14 +886,15 @@ async fn a_4xx_answer_to_a_revalidation_drops_the_entry() {
 }
 
 #[tokio::test]
-async fn paging_links_are_left_alone_by_default_and_in_writes() {
+async fn paging_links_are_rewritten_by_default_and_left_alone_when_off_and_in_writes() {
     let h = Harness::with(|c| c.rewrite_paging_links = false).await;
     let page = h.get("/v26.0/act_1/ads?access_token=EAAtokenA").await;
     assert!(page.json()["paging"]["next"]
         .as_str()
         .unwrap()
         .starts_with("https://graph.facebook.com/"));
-    let rewriting = Harness::with(|c| c.rewrite_paging_links = true).await;
+    // The default rewrites them (the Node SDK and Airbyte follow them).
+    let rewriting = Harness::start().await;
     // A write's answer is never rewritten, whatever it holds.
     let write = rewriting
         .send(

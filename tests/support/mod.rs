@@ -37,7 +37,11 @@ impl Reply {
     }
     /// True when graphcache had no entry and fetched the answer.
     pub fn is_miss(&self) -> bool {
-        self.cache_status().contains("fwd=uri-miss")
+        self.cache().fwd.as_deref() == Some("uri-miss")
+    }
+    /// The `Cache-Status` header, parsed (RFC 9211).
+    pub fn cache(&self) -> CacheStatus {
+        CacheStatus::parse(self.cache_status())
     }
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
@@ -45,6 +49,38 @@ impl Reply {
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One `Cache-Status` entry (RFC 9211), as graphcache writes it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CacheStatus {
+    pub cache: String,
+    pub hit: bool,
+    pub fwd: Option<String>,
+    pub fwd_status: Option<u16>,
+    pub stored: bool,
+    pub detail: Option<String>,
+}
+
+impl CacheStatus {
+    pub fn parse(value: &str) -> Self {
+        let mut parts = value.split(';').map(str::trim);
+        let mut status = CacheStatus {
+            cache: parts.next().unwrap_or("").to_owned(),
+            ..CacheStatus::default()
+        };
+        for part in parts {
+            match part.split_once('=') {
+                None if part == "hit" => status.hit = true,
+                None if part == "stored" => status.stored = true,
+                Some(("fwd", v)) => status.fwd = Some(v.to_owned()),
+                Some(("fwd-status", v)) => status.fwd_status = Some(v.parse().unwrap()),
+                Some(("detail", v)) => status.detail = Some(v.to_owned()),
+                _ => panic!("unexpected Cache-Status parameter {part:?} in {value:?}"),
+            }
+        }
+        status
     }
 }
 

@@ -1,50 +1,23 @@
 //! The upstream client: one pooled hyper-util client over rustls (HTTP/2 by
 //! ALPN), speaking only to the configured upstream.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::body::{collect_up_to, Collected};
 use crate::config::Config;
-use crate::error::ProxyError;
+use crate::headers::strip_hop_by_hop;
 use crate::metrics::Metrics;
-
-/// Boxed error for request bodies of any origin.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Body of a request sent upstream.
-pub type UpstreamBody = BoxBody<Bytes, BoxError>;
-
-/// Time one client request spent waiting on upstream response heads, for
-/// the access log. Atomic only because request futures must be `Send`.
-#[derive(Debug, Default)]
-pub struct UpstreamTimer {
-    micros: std::sync::atomic::AtomicU64,
-    used: std::sync::atomic::AtomicBool,
-}
-
-impl UpstreamTimer {
-    pub fn add(&self, elapsed: Duration) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.micros.fetch_add(elapsed.as_micros() as u64, Relaxed);
-        self.used.store(true, Relaxed);
-    }
-
-    /// Total upstream time in microseconds, or None if nothing went upstream.
-    pub fn micros(&self) -> Option<u64> {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.used.load(Relaxed).then(|| self.micros.load(Relaxed))
-    }
-}
+use crate::upstream::{Answer, UpstreamBody, UpstreamError, UpstreamTimer};
 
 /// WebPKI roots plus any configured `upstream_ca_file` certificates (checked
 /// when the configuration was loaded).
@@ -72,6 +45,8 @@ pub struct Upstream {
     host: HeaderValue,
     /// Deadline for a whole upstream exchange (head and collected body).
     pub timeout: Duration,
+    /// Largest answer collected whole (`max_body_bytes`).
+    pub max_body: usize,
 }
 
 impl Upstream {
@@ -110,12 +85,25 @@ impl Upstream {
             host: HeaderValue::from_str(authority.as_str()).expect("authority is a valid header"),
             authority,
             timeout: config.upstream_timeout,
+            max_body: config.max_body_bytes,
         }
     }
 
-    /// True when `host` names the upstream (for absolute-form targets).
-    pub fn is_upstream_host(&self, authority: &Authority) -> bool {
+    /// True when an absolute-form target names the upstream itself: the same
+    /// host and the same port (explicit, or the default of each scheme).
+    pub fn is_upstream_target(&self, target: &Uri) -> bool {
+        let Some(authority) = target.authority() else {
+            return true;
+        };
+        let port = |authority: &Authority, scheme: Option<&str>| {
+            authority.port_u16().unwrap_or(match scheme {
+                Some(s) if s.eq_ignore_ascii_case("http") => 80,
+                _ => 443,
+            })
+        };
         authority.host().eq_ignore_ascii_case(self.authority.host())
+            && port(authority, target.scheme_str())
+                == port(&self.authority, Some(self.scheme.as_str()))
     }
 
     /// The upstream URI for a client's path and query.
@@ -140,7 +128,7 @@ impl Upstream {
         mut request: Request<UpstreamBody>,
         metrics: &Metrics,
         timer: &UpstreamTimer,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Incoming>, UpstreamError> {
         request.headers_mut().insert(HOST, self.host.clone());
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, self.client.request(request)).await;
@@ -154,12 +142,42 @@ impl Upstream {
             }
             Ok(Err(e)) => {
                 metrics.observe_upstream(None, elapsed);
-                Err(ProxyError::UpstreamUnreachable(std::sync::Arc::new(e)))
+                Err(UpstreamError::Unreachable(Arc::new(e)))
             }
             Err(_) => {
                 metrics.observe_upstream(None, elapsed);
-                Err(ProxyError::UpstreamTimeout(self.timeout))
+                Err(UpstreamError::Timeout(self.timeout))
             }
         }
+    }
+
+    /// Sends `request` and collects its whole answer (up to `max_body`)
+    /// within the timeout.
+    pub async fn exchange(
+        &self,
+        request: Request<UpstreamBody>,
+        metrics: &Metrics,
+    ) -> Result<Answer, UpstreamError> {
+        let timer = UpstreamTimer::default();
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let response = self.send(request, metrics, &timer).await?;
+        let (head, body) = response.into_parts();
+        let limit = self.max_body;
+        let collected = tokio::time::timeout_at(deadline, collect_up_to(body, limit))
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.timeout))?
+            .map_err(|e| UpstreamError::Body(Arc::new(e)))?;
+        let body = match collected {
+            Collected::Complete(body) => body,
+            Collected::Overflow { .. } => return Err(UpstreamError::TooLarge { limit }),
+        };
+        let mut headers = head.headers;
+        strip_hop_by_hop(&mut headers);
+        Ok(Answer {
+            status: head.status,
+            headers,
+            body,
+            upstream_us: timer.micros().unwrap_or(0),
+        })
     }
 }

@@ -81,10 +81,12 @@ where
     }
 
     /// Calls in flight now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -1,4 +1,4 @@
-//! The response store: a byte-bounded moka cache plus an index from Graph
+//! The in-process response store: a byte-bounded moka cache plus an index from Graph
 //! objects to the keys that hold them, so a write invalidates exactly the
 //! entries of the objects it touches, at a cost that scales with those
 //! entries rather than with the whole cache.
@@ -13,110 +13,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::Expiry;
 
-use crate::key::CacheKey;
-use crate::routes::{CachePolicy, ObjectId};
-
-/// A stored 200 answer.
-#[derive(Debug)]
-pub struct CachedResponse {
-    /// End-to-end headers as Graph sent them, less hop-by-hop, per-call and
-    /// length headers.
-    pub headers: HeaderMap,
-    pub body: Bytes,
-    /// Graph's strong, quoted ETag, if it sent one.
-    pub etag: Option<HeaderValue>,
-    /// When the entry was stored or last validated upstream.
-    pub stored_at: Instant,
-    pub policy: CachePolicy,
-    /// The objects whose writes invalidate this entry.
-    pub objects: Arc<[ObjectId]>,
-    /// Distinguishes successive entries under one key in the index.
-    entry_id: u64,
-}
-
-/// How an entry may be used at a given moment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Freshness {
-    /// Within its fresh TTL: serve without asking upstream.
-    Fresh,
-    /// Past its fresh TTL but within max stale: revalidate; may be served if
-    /// upstream fails.
-    Stale,
-    /// Past both: revalidate; never served on failure.
-    Expired,
-}
-
-impl CachedResponse {
-    pub fn new(
-        headers: HeaderMap,
-        body: Bytes,
-        etag: Option<HeaderValue>,
-        policy: CachePolicy,
-        objects: Arc<[ObjectId]>,
-    ) -> Self {
-        Self {
-            headers,
-            body,
-            etag,
-            stored_at: Instant::now(),
-            policy,
-            objects,
-            entry_id: 0,
-        }
-    }
-
-    pub fn age(&self, now: Instant) -> Duration {
-        now.saturating_duration_since(self.stored_at)
-    }
-
-    pub fn freshness(&self, now: Instant) -> Freshness {
-        classify(self.age(now), &self.policy)
-    }
-
-    /// The same entry, validated now; a 304 without an ETag keeps the stored one.
-    pub fn revalidated(&self, etag: Option<HeaderValue>) -> Self {
-        let etag = etag.or_else(|| self.etag.clone());
-        let mut headers = self.headers.clone();
-        if let Some(tag) = &etag {
-            headers.insert(http::header::ETAG, tag.clone());
-        }
-        Self {
-            headers,
-            body: self.body.clone(),
-            etag,
-            stored_at: Instant::now(),
-            policy: self.policy,
-            objects: self.objects.clone(),
-            entry_id: 0,
-        }
-    }
-
-    fn weight(&self) -> u32 {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len())
-            .sum();
-        u32::try_from(self.body.len() + headers + 256).unwrap_or(u32::MAX)
-    }
-}
-
-/// Pure freshness rule, separate so it can be tested without clocks.
-pub fn classify(age: Duration, policy: &CachePolicy) -> Freshness {
-    if age < policy.fresh_ttl {
-        Freshness::Fresh
-    } else if age < policy.max_stale {
-        Freshness::Stale
-    } else {
-        Freshness::Expired
-    }
-}
+use crate::cache::entry::CachedResponse;
+use crate::cache::Store;
+use crate::cache::key::CacheKey;
+use crate::graph::routes::ObjectId;
 
 /// A snapshot of the write sequence, taken before a read goes upstream.
 #[derive(Debug, Clone, Copy)]
@@ -143,6 +47,9 @@ struct ObjectRecord {
 #[derive(Default)]
 struct Index {
     objects: HashMap<ObjectId, ObjectRecord>,
+    /// Sequence number of the last write that could not say what it
+    /// touched, and so counts as a write to every object.
+    last_write_to_all: u64,
     /// Written objects in write order, so write marks can be forgotten once no
     /// read that started before them can still be in flight.
     recent_writes: VecDeque<(Instant, u64, ObjectId)>,
@@ -153,7 +60,7 @@ pub type EvictionObserver = Arc<dyn Fn(RemovalCause) + Send + Sync>;
 
 /// The cache and its object index. Cloning is cheap and shares both.
 #[derive(Clone)]
-pub struct Store {
+pub struct MemoryStore {
     cache: Cache<CacheKey, Arc<CachedResponse>>,
     index: Arc<Mutex<Index>>,
     write_seq: Arc<AtomicU64>,
@@ -185,7 +92,7 @@ impl Expiry<CacheKey, Arc<CachedResponse>> for Retention {
     }
 }
 
-impl Store {
+impl MemoryStore {
     /// A store bounded to `max_bytes` of bodies and headers. `write_memory`
     /// must exceed the longest time a read can spend upstream.
     pub fn new(max_bytes: u64, write_memory: Duration, on_evict: EvictionObserver) -> Self {
@@ -213,13 +120,30 @@ impl Store {
         }
     }
 
+    /// Entries currently stored (approximate until pending work runs).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// Weighted size in bytes (approximate until pending work runs).
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+
+    /// Runs moka's pending housekeeping so counts are exact (scrapes, tests).
+    pub async fn sync(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+}
+
+impl Store for MemoryStore {
     /// The entry under `key`, if any. Shares the entry; copies nothing.
-    pub async fn get(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
+    async fn get(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
         self.cache.get(key).await
     }
 
     /// Take before going upstream for a read that may be stored.
-    pub fn read_ticket(&self) -> ReadTicket {
+    fn read_ticket(&self) -> ReadTicket {
         ReadTicket {
             sequence: self.write_seq.load(Ordering::Acquire),
             taken: Instant::now(),
@@ -228,7 +152,7 @@ impl Store {
 
     /// Stores `entry` unless a write to one of its objects landed after
     /// `ticket` was taken. Returns whether it was stored.
-    pub async fn put(&self, key: CacheKey, mut entry: CachedResponse, ticket: ReadTicket) -> bool {
+    async fn put(&self, key: CacheKey, mut entry: CachedResponse, ticket: ReadTicket) -> bool {
         // Write marks are forgotten after `write_memory`: a read older than
         // that can no longer prove no write overtook it.
         if ticket.taken.elapsed() >= self.write_memory {
@@ -262,13 +186,13 @@ impl Store {
     }
 
     /// Drops the entry under `key` (e.g. the object is gone upstream).
-    pub async fn remove(&self, key: &CacheKey) {
+    async fn remove(&self, key: &CacheKey) {
         self.cache.invalidate(key).await;
     }
 
     /// Records a successful write to `objects` and removes all their entries,
     /// for every token and user agent. Returns how many keys were dropped.
-    pub async fn invalidate_objects(&self, objects: &[ObjectId]) -> usize {
+    async fn invalidate_objects(&self, objects: &[ObjectId]) -> usize {
         let keys: Vec<CacheKey> = {
             let mut index = lock(&self.index);
             let seq = self.write_seq.fetch_add(1, Ordering::AcqRel) + 1;
@@ -289,19 +213,23 @@ impl Store {
         keys.len()
     }
 
-    /// Entries currently stored (approximate until pending work runs).
-    pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
-    }
-
-    /// Weighted size in bytes (approximate until pending work runs).
-    pub fn weighted_size(&self) -> u64 {
-        self.cache.weighted_size()
-    }
-
-    /// Runs moka's pending housekeeping so counts are exact (scrapes, tests).
-    pub async fn sync(&self) {
-        self.cache.run_pending_tasks().await;
+    /// Records a write whose objects graphcache cannot tell, and drops every
+    /// entry: erring toward dropping more, never toward serving stale.
+    /// Reads in flight since before it are not stored either.
+    async fn invalidate_all(&self) -> usize {
+        let dropped = {
+            let mut index = lock(&self.index);
+            let seq = self.write_seq.fetch_add(1, Ordering::AcqRel) + 1;
+            index.last_write_to_all = seq;
+            let dropped = index.objects.values().map(|r| r.keys.len()).sum();
+            index.objects.retain(|_, record| {
+                record.keys.clear();
+                record.last_write != 0
+            });
+            dropped
+        };
+        self.cache.invalidate_all();
+        dropped
     }
 }
 
@@ -332,7 +260,8 @@ fn forget_old_writes(index: &mut Index, now: Instant, memory: Duration) {
 }
 
 fn written_since(index: &Index, objects: &[ObjectId], ticket: ReadTicket) -> bool {
-    objects.iter().any(|o| {
+    index.last_write_to_all > ticket.sequence
+        || objects.iter().any(|o| {
         index
             .objects
             .get(o)
@@ -359,8 +288,12 @@ fn unindex(index: &mut Index, key: &CacheKey, entry: &CachedResponse) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::{cache_key, QueryParams, TokenHasher};
-    use crate::routes::objects_of;
+    use crate::cache::identity::{Credentials, TokenHasher};
+    use crate::cache::key::cache_key;
+    use crate::graph::query::QueryParams;
+    use crate::graph::routes::{objects_of, CachePolicy};
+    use bytes::Bytes;
+    use http::HeaderMap;
 
     fn policy(fresh: u64, stale: u64) -> CachePolicy {
         CachePolicy {
@@ -382,21 +315,15 @@ mod tests {
     }
 
     fn key(path: &str, token: &str) -> CacheKey {
-        let id = TokenHasher::with_secret([0; 32]).identify(Some(token), None);
+        let id = TokenHasher::with_secret([0; 32]).identify(&Credentials {
+            token: Some(token),
+            ..Credentials::default()
+        });
         cache_key(path, &QueryParams::parse(None), b"ua", &id)
     }
 
-    fn store() -> Store {
-        Store::new(1 << 20, Duration::from_secs(60), Arc::new(|_| {}))
-    }
-
-    #[test]
-    fn freshness_boundaries() {
-        let p = policy(10, 20);
-        assert_eq!(classify(Duration::from_secs(9), &p), Freshness::Fresh);
-        assert_eq!(classify(Duration::from_secs(10), &p), Freshness::Stale);
-        assert_eq!(classify(Duration::from_secs(20), &p), Freshness::Expired);
-        assert_eq!(classify(Duration::ZERO, &policy(0, 0)), Freshness::Expired);
+    fn store() -> MemoryStore {
+        MemoryStore::new(1 << 20, Duration::from_secs(60), Arc::new(|_| {}))
     }
 
     #[tokio::test]
@@ -432,7 +359,7 @@ mod tests {
 
     #[tokio::test]
     async fn reads_older_than_the_write_memory_are_not_stored() {
-        let s = Store::new(1 << 20, Duration::ZERO, Arc::new(|_| {}));
+        let s = MemoryStore::new(1 << 20, Duration::ZERO, Arc::new(|_| {}));
         assert!(
             !s.put(key("/v1/8", "t"), entry("/v1/8"), s.read_ticket())
                 .await
@@ -441,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn old_write_marks_are_forgotten() {
-        let s = Store::new(1 << 20, Duration::ZERO, Arc::new(|_| {}));
+        let s = MemoryStore::new(1 << 20, Duration::ZERO, Arc::new(|_| {}));
         s.invalidate_objects(&objects_of("/v1/1", [])).await;
         s.invalidate_objects(&objects_of("/v1/2", [])).await;
         // The second write pruned the first object's record.
@@ -457,5 +384,19 @@ mod tests {
         s.sync().await;
         assert_eq!(s.invalidate_objects(&objects_of("/v1/9", [])).await, 1);
         assert!(s.get(&k).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_write_to_everything_drops_all_and_stops_older_reads() {
+        let s = store();
+        let ticket = s.read_ticket();
+        s.put(key("/v1/1", "t"), entry("/v1/1"), s.read_ticket()).await;
+        assert_eq!(s.invalidate_all().await, 1);
+        assert!(s.get(&key("/v1/1", "t")).await.is_none());
+        assert!(!s.put(key("/v1/2", "t"), entry("/v1/2"), ticket).await);
+        assert!(
+            s.put(key("/v1/2", "t"), entry("/v1/2"), s.read_ticket())
+                .await
+        );
     }
 }

@@ -197,9 +197,13 @@ pub fn objects_of<'a>(
     path: &str,
     params: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> Vec<ObjectId> {
-    let node = split_path(strip_version(path))
-        .next()
-        .and_then(ObjectId::parse);
+    // Percent-encoded ids (`%31%32%33`, `act%5F1`) name the same object.
+    let node = split_path(strip_version(path)).next().and_then(|segment| {
+        percent_encoding::percent_decode_str(segment)
+            .decode_utf8()
+            .ok()
+            .and_then(|decoded| ObjectId::parse(&decoded))
+    });
     let mut named = Vec::new();
     for (name, value) in params {
         if name == "ids" || name == "id" || name.ends_with("_id") || name.ends_with("_ids") {
@@ -230,7 +234,7 @@ fn ids_in(value: &str) -> impl Iterator<Item = ObjectId> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::QueryParams;
+    use crate::graph::query::QueryParams;
 
     fn policies() -> RoutePolicies {
         RoutePolicies {
@@ -323,5 +327,7 @@ mod tests {
         assert_eq!(got, ["9", "55"]);
         assert!(objects_of("/v26.0/", []).is_empty());
         assert_eq!(objects_of("/me/feed", [])[0].as_str(), "me");
+        assert_eq!(objects_of("/v26.0/%31%32%33", [])[0].as_str(), "123");
+        assert_eq!(objects_of("/v26.0/act%5F9/ads", [])[0].as_str(), "9");
     }
 }

@@ -11,8 +11,8 @@ use http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::headers::strip_hop_by_hop;
-use crate::key::CREDENTIAL_PARAMS;
-use crate::routes::is_version_segment;
+use crate::graph::query::CREDENTIAL_PARAMS;
+use crate::graph::routes::is_version_segment;
 
 /// Graph's hard limit on items per batch.
 pub const MAX_ITEMS: usize = 50;

@@ -1,0 +1,281 @@
+//! A stored answer and the pure rules about it: freshness, `Vary`, and what a
+//! 304 changes (RFC 9111 §4.1, §4.3.4).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue};
+
+use crate::graph::routes::{CachePolicy, ObjectId};
+use crate::headers::{strip_hop_by_hop, strip_per_call};
+
+/// The request header values an entry's `Vary` names, as the request that
+/// filled it had them (None: absent).
+pub type VaryValues = Box<[(HeaderName, Option<HeaderValue>)]>;
+
+/// A stored 200 answer.
+#[derive(Debug, Clone)]
+pub struct CachedResponse {
+    /// End-to-end headers as Graph sent them, less hop-by-hop, per-call and
+    /// length headers.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Graph's strong, quoted ETag, if it sent one.
+    pub etag: Option<HeaderValue>,
+    /// When the entry was stored or last validated upstream.
+    pub stored_at: Instant,
+    pub policy: CachePolicy,
+    /// The objects whose writes invalidate this entry.
+    pub objects: Arc<[ObjectId]>,
+    /// What its `Vary` names, when it names anything graphcache honours.
+    pub vary: Option<VaryValues>,
+    /// Distinguishes successive entries under one key in the index.
+    pub(super) entry_id: u64,
+}
+
+/// How an entry may be used at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Within its fresh TTL: serve without asking upstream.
+    Fresh,
+    /// Past its fresh TTL but within max stale: revalidate; may be served if
+    /// upstream fails.
+    Stale,
+    /// Past both: revalidate; never served on failure.
+    Expired,
+}
+
+impl CachedResponse {
+    pub fn new(
+        headers: HeaderMap,
+        body: Bytes,
+        etag: Option<HeaderValue>,
+        policy: CachePolicy,
+        objects: Arc<[ObjectId]>,
+    ) -> Self {
+        Self {
+            headers,
+            body,
+            etag,
+            stored_at: Instant::now(),
+            policy,
+            objects,
+            vary: None,
+            entry_id: 0,
+        }
+    }
+
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.stored_at)
+    }
+
+    pub fn freshness(&self, now: Instant) -> Freshness {
+        classify(self.age(now), &self.policy)
+    }
+
+    /// True when `request` may be served this entry: it has the values the
+    /// entry's `Vary` names. No `Vary`, no cost.
+    pub fn matches_vary(&self, request: &HeaderMap) -> bool {
+        match &self.vary {
+            None => true,
+            Some(values) => vary_matches(values, request),
+        }
+    }
+
+    /// The same entry, validated now by a 304 whose headers are `updated`:
+    /// its end-to-end headers replace the stored ones (RFC 9111 §4.3.4),
+    /// except per-call usage headers (never stored) and hop-by-hop and
+    /// length headers. A 304 without an ETag keeps the stored one.
+    pub fn revalidated(&self, updated: &HeaderMap) -> Self {
+        let mut headers = self.headers.clone();
+        let mut fresh = updated.clone();
+        strip_hop_by_hop(&mut fresh);
+        strip_per_call(&mut fresh);
+        for name in [
+            header::CONTENT_LENGTH,
+            header::CONTENT_ENCODING,
+            header::CONTENT_RANGE,
+        ] {
+            fresh.remove(name);
+        }
+        let mut last: Option<HeaderName> = None;
+        for (name, value) in fresh {
+            // `into_iter` names a header once, then yields its other values.
+            match name {
+                Some(name) => {
+                    headers.insert(name.clone(), value);
+                    last = Some(name);
+                }
+                None => {
+                    if let Some(name) = &last {
+                        headers.append(name.clone(), value);
+                    }
+                }
+            }
+        }
+        let etag = headers.get(header::ETAG).cloned().or_else(|| self.etag.clone());
+        Self {
+            headers,
+            body: self.body.clone(),
+            etag,
+            stored_at: Instant::now(),
+            policy: self.policy,
+            objects: self.objects.clone(),
+            vary: self.vary.clone(),
+            entry_id: 0,
+        }
+    }
+
+    pub(super) fn weight(&self) -> u32 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len())
+            .sum();
+        u32::try_from(self.body.len() + headers + 256).unwrap_or(u32::MAX)
+    }
+}
+
+/// Pure freshness rule, separate so it can be tested without clocks.
+pub fn classify(age: Duration, policy: &CachePolicy) -> Freshness {
+    if age < policy.fresh_ttl {
+        Freshness::Fresh
+    } else if age < policy.max_stale {
+        Freshness::Stale
+    } else {
+        Freshness::Expired
+    }
+}
+
+/// What an answer's `Vary` asks of the cache.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Vary {
+    /// Nothing graphcache must honour: serve to every request of the key.
+    None,
+    /// Serve only to requests with the same values of these headers.
+    Headers(Vec<HeaderName>),
+    /// `Vary: *`: never serve from the cache.
+    Any,
+}
+
+/// Reads an answer's `Vary`. `Accept-Encoding` is left out: graphcache
+/// always asks upstream for identity, so the answer cannot vary on it.
+pub fn vary_of(headers: &HeaderMap) -> Vary {
+    let mut names = Vec::new();
+    for value in headers.get_all(header::VARY) {
+        let Ok(value) = value.to_str() else {
+            return Vary::Any;
+        };
+        for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name == "*" {
+                return Vary::Any;
+            }
+            let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+                return Vary::Any;
+            };
+            if name != header::ACCEPT_ENCODING && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    if names.is_empty() {
+        Vary::None
+    } else {
+        Vary::Headers(names)
+    }
+}
+
+/// The values `names` have in `request`, to store with an entry.
+pub fn vary_values(names: &[HeaderName], request: &HeaderMap) -> VaryValues {
+    names
+        .iter()
+        .map(|name| (name.clone(), request.get(name).cloned()))
+        .collect()
+}
+
+/// True when `request` has exactly the recorded values.
+pub fn vary_matches(values: &[(HeaderName, Option<HeaderValue>)], request: &HeaderMap) -> bool {
+    values
+        .iter()
+        .all(|(name, value)| request.get(name) == value.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(fresh: u64, stale: u64) -> CachePolicy {
+        CachePolicy {
+            fresh_ttl: Duration::from_secs(fresh),
+            max_stale: Duration::from_secs(stale),
+            cache: true,
+            always_revalidate: false,
+        }
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn freshness_boundaries() {
+        let p = policy(10, 20);
+        assert_eq!(classify(Duration::from_secs(9), &p), Freshness::Fresh);
+        assert_eq!(classify(Duration::from_secs(10), &p), Freshness::Stale);
+        assert_eq!(classify(Duration::from_secs(20), &p), Freshness::Expired);
+        assert_eq!(classify(Duration::ZERO, &policy(0, 0)), Freshness::Expired);
+    }
+
+    #[test]
+    fn vary_names_star_and_accept_encoding() {
+        assert_eq!(vary_of(&HeaderMap::new()), Vary::None);
+        assert_eq!(vary_of(&map(&[("vary", "Accept-Encoding")])), Vary::None);
+        assert_eq!(
+            vary_of(&map(&[("vary", "Origin, accept-encoding"), ("vary", "Foo")])),
+            Vary::Headers(vec![HeaderName::from_static("origin"), HeaderName::from_static("foo")])
+        );
+        assert_eq!(vary_of(&map(&[("vary", "Foo, *")])), Vary::Any);
+        let values = vary_values(&[HeaderName::from_static("foo")], &map(&[("foo", "1")]));
+        assert!(vary_matches(&values, &map(&[("foo", "1")])));
+        assert!(!vary_matches(&values, &map(&[("foo", "2")])));
+        assert!(!vary_matches(&values, &HeaderMap::new()));
+    }
+
+    #[test]
+    fn a_304_replaces_end_to_end_headers_but_not_usage_or_length() {
+        let mut entry = CachedResponse::new(
+            map(&[("date", "old"), ("etag", "\"a\""), ("x-kept", "1"), ("vary", "Origin")]),
+            Bytes::from_static(b"{}"),
+            Some(HeaderValue::from_static("\"a\"")),
+            policy(0, 60),
+            Arc::from(Vec::new()),
+        );
+        entry.stored_at -= Duration::from_secs(5);
+        let updated = entry.revalidated(&map(&[
+            ("date", "new"),
+            ("x-app-usage", "{}"),
+            ("content-length", "0"),
+            ("connection", "close"),
+            ("set-x", "a"),
+            ("set-x", "b"),
+        ]));
+        assert_eq!(updated.headers["date"], "new");
+        assert_eq!(updated.headers["x-kept"], "1");
+        assert!(!updated.headers.contains_key("x-app-usage"));
+        assert!(!updated.headers.contains_key("content-length"));
+        assert_eq!(updated.headers.get_all("set-x").iter().count(), 2);
+        assert_eq!(updated.etag.as_ref().unwrap(), "\"a\"");
+        assert!(updated.age(Instant::now()) < Duration::from_secs(1));
+        let retagged = entry.revalidated(&map(&[("etag", "\"b\"")]));
+        assert_eq!(retagged.etag.as_ref().unwrap(), "\"b\"");
+    }
+}

@@ -1,0 +1,138 @@
+//! Cache keys.
+//!
+//! A key is a blake3 hash over everything that can change a Graph answer: the
+//! path as sent (version included), the query parameters decoded and sorted by
+//! name, the User-Agent (Graph's ETag and formatting depend on it) and the
+//! caller's identity ([`super::identity`]).
+
+use std::fmt;
+
+use crate::cache::identity::TokenIdentity;
+use crate::graph::query::{QueryParams, CREDENTIAL_PARAMS};
+
+/// A 256-bit cache key. Hex only for display.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheKey([u8; 32]);
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+
+/// The key of a cacheable GET. `query` must come from the same request as
+/// `path`; credential parameters in it are skipped.
+pub fn cache_key(
+    path: &str,
+    query: &QueryParams<'_>,
+    user_agent: &[u8],
+    identity: &TokenIdentity,
+) -> CacheKey {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"graphcache-key-v1");
+    put_field(&mut hasher, path.as_bytes());
+    for (name, value) in query.iter() {
+        if CREDENTIAL_PARAMS.contains(&name) {
+            continue;
+        }
+        put_field(&mut hasher, name.as_bytes());
+        put_field(&mut hasher, value.as_bytes());
+    }
+    // A separator no field can forge (fields are length-prefixed).
+    hasher.update(&[0xff]);
+    put_field(&mut hasher, user_agent);
+    hasher.update(&identity.0);
+    CacheKey(*hasher.finalize().as_bytes())
+}
+
+fn put_field(hasher: &mut blake3::Hasher, bytes: &[u8]) {
+    hasher.update(&(bytes.len() as u64).to_le_bytes());
+    hasher.update(bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::identity::{Credentials, TokenHasher};
+    use proptest::prelude::*;
+
+    fn tok(t: &str) -> Credentials<'_> {
+        Credentials {
+            token: Some(t),
+            ..Credentials::default()
+        }
+    }
+
+    fn key(path: &str, query: &str, ua: &str, id: &TokenIdentity) -> CacheKey {
+        cache_key(path, &QueryParams::parse(Some(query)), ua.as_bytes(), id)
+    }
+
+    #[test]
+    fn node_sdk_single_and_batch_spellings_share_a_key() {
+        let id = TokenHasher::with_secret([7; 32]).identify(&tok("t"));
+        assert_eq!(
+            key("/v24.0/1", "fields=name%2Cstatus&access_token=t", "ua", &id),
+            key("/v24.0/1", "access_token=t&fields=name,status", "ua", &id)
+        );
+    }
+
+    #[test]
+    fn credentials_are_not_part_of_the_key_text() {
+        let id = TokenHasher::with_secret([7; 32]).identify(&Credentials::default());
+        assert_eq!(
+            key("/v1/x", "a=1&appsecret_proof=p&access_token=t", "ua", &id),
+            key("/v1/x", "a=1", "ua", &id)
+        );
+    }
+
+    #[test]
+    fn path_user_agent_and_values_change_the_key() {
+        let id = TokenHasher::with_secret([7; 32]).identify(&Credentials::default());
+        let base = key("/v1/x", "a=1", "ua", &id);
+        assert_ne!(base, key("/v2/x", "a=1", "ua", &id));
+        assert_ne!(base, key("/v1/x", "a=2", "ua", &id));
+        assert_ne!(base, key("/v1/x", "a=1", "ub", &id));
+        assert_ne!(base, key("/v1/x/", "a=1", "ua", &id));
+        // Length prefixes keep field boundaries apart.
+        assert_ne!(
+            key("/v1/x", "ab=c", "ua", &id),
+            key("/v1/x", "a=bc", "ua", &id)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn keys_differing_only_in_token_never_collide(
+            t1 in "[A-Za-z0-9]{1,40}", t2 in "[A-Za-z0-9]{1,40}",
+            path in "/v[0-9]{1,2}\\.0/[a-z0-9_]{1,12}", q in "[a-z]{1,5}=[a-z0-9,]{0,8}",
+        ) {
+            prop_assume!(t1 != t2);
+            let h = TokenHasher::random();
+            let k1 = key(&path, &format!("{q}&access_token={t1}"), "ua", &h.identify(&tok(&t1)));
+            let k2 = key(&path, &format!("{q}&access_token={t2}"), "ua", &h.identify(&tok(&t2)));
+            prop_assert_ne!(k1, k2);
+        }
+
+        #[test]
+        fn query_order_does_not_matter(
+            params in proptest::collection::btree_map("[a-z_]{1,8}", "[A-Za-z0-9,]{0,8}", 1..8),
+            seed in any::<u64>(),
+        ) {
+            let id = TokenHasher::with_secret([3; 32]).identify(&tok("tok"));
+            let mut pairs: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let forward = pairs.join("&");
+            // A deterministic shuffle driven by the seed.
+            let n = pairs.len();
+            for i in (1..n).rev() {
+                let j = (seed.wrapping_mul(6364136223846793005).wrapping_add(i as u64) % (i as u64 + 1)) as usize;
+                pairs.swap(i, j);
+            }
+            let shuffled = pairs.join("&");
+            prop_assert_eq!(key("/v1/n", &forward, "ua", &id), key("/v1/n", &shuffled, "ua", &id));
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! The cache stage: what is stored, under which key, for which caller.
+//!
+//! - [`key`]: the blake3 cache key of a read;
+//! - [`identity`]: the caller identity every key and flight carries;
+//! - [`entry`]: a stored answer with its freshness, `Vary` and 304 rules;
+//! - [`memory`]: the byte-bounded in-process store (moka) and its object index.
+//!
+//! The request path sees a store only through [`Store`], so a shared store
+//! (Redis, for a fleet of sidecars) can stand beside the in-process one.
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub mod entry;
+pub mod identity;
+pub mod key;
+pub mod memory;
+
+pub use entry::{CachedResponse, Freshness};
+pub use identity::{TokenHasher, TokenIdentity};
+pub use key::CacheKey;
+pub use memory::{MemoryStore, ReadTicket};
+
+use crate::graph::routes::ObjectId;
+
+/// What the request path needs of a store. A read takes a [`ReadTicket`]
+/// before it goes upstream and stores with it, so a write that lands in
+/// between keeps its pre-write answer out.
+pub trait Store: Send + Sync {
+    /// The entry under `key`, shared, copying nothing.
+    fn get(&self, key: &CacheKey) -> impl Future<Output = Option<Arc<CachedResponse>>> + Send;
+    /// A snapshot of the write sequence, taken before going upstream.
+    fn read_ticket(&self) -> ReadTicket;
+    /// Stores `entry` unless a write to its objects landed after `ticket`.
+    fn put(
+        &self,
+        key: CacheKey,
+        entry: CachedResponse,
+        ticket: ReadTicket,
+    ) -> impl Future<Output = bool> + Send;
+    /// Drops one entry (the object is gone or unreadable upstream).
+    fn remove(&self, key: &CacheKey) -> impl Future<Output = ()> + Send;
+    /// A write to `objects`: drops their entries for every caller.
+    fn invalidate_objects(&self, objects: &[ObjectId]) -> impl Future<Output = usize> + Send;
+    /// A write graphcache cannot attribute: drops everything.
+    fn invalidate_all(&self) -> impl Future<Output = usize> + Send;
+}

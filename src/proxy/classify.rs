@@ -1,0 +1,413 @@
+//! Stage 1: every client request is classified once into a typed request.
+//!
+//! The head is checked against graphcache's limits, the query parsed, the
+//! caller identified from every credential it carries, and the request
+//! sorted into what the later stages do with it. Bodies are read here only
+//! when that decides the kind (a write that may be a batch, a GET that may
+//! carry a body); nothing downstream parses or derives any of it again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Method, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+
+use crate::body::{collect_up_to, Collected, ResponseBody};
+use crate::cache::identity::{authorization_credential, single_value, Credentials};
+use crate::cache::TokenIdentity;
+use crate::client_batch::plan::{BatchCredentials, WriteScope};
+use crate::client_batch::ClientBatch;
+use crate::error::ProxyError;
+use crate::graph::query::QueryParams;
+use crate::graph::routes::{objects_of, CachePolicy};
+use crate::headers::{client_cache_control, header_bytes, is_media_type, ClientCacheControl};
+use crate::proxy::Proxy;
+use crate::upstream::{empty_body, full_body, limited_body, UpstreamBody};
+
+/// Largest GET body read to tell an SDK's `{}` from a real body.
+const MAX_GET_BODY: usize = 64 << 10;
+/// Largest write body read for the object ids it names; larger ones stream.
+const MAX_PARSED_WRITE_BODY: usize = 1 << 20;
+
+/// One client request, classified.
+pub(crate) struct Request<'a> {
+    pub parts: &'a Parts,
+    pub query: QueryParams<'a>,
+    /// The caller, or None when its credentials are ambiguous (two tokens,
+    /// two proofs, an empty one): such a request never touches the cache.
+    pub caller: Option<TokenIdentity>,
+    pub user_agent: &'a [u8],
+    pub control: ClientCacheControl,
+}
+
+/// What the stages below do with a request.
+pub(crate) enum Kind {
+    /// A cacheable GET or HEAD under this route policy.
+    Read(CachePolicy),
+    /// A GET or HEAD that must not touch the cache, with its real body.
+    Bypass(Option<Bytes>),
+    /// A write, relayed exactly once; on anything but a 4xx, `scope` is
+    /// invalidated (None: a method that changes nothing graphcache keeps).
+    Write {
+        body: UpstreamBody,
+        scope: Option<WriteScope>,
+    },
+    /// A client batch, answered item by item.
+    Batch(Box<BatchRequest>),
+}
+
+/// A client batch with everything its stage needs, owned so that a batch
+/// with writes can finish in its own task after a disconnect.
+pub(crate) struct BatchRequest {
+    pub head: Parts,
+    pub batch: ClientBatch,
+    pub credentials: Result<BatchCredentials, crate::cache::identity::Ambiguous>,
+    /// Sent as `GET ...?method=post&batch=...`: `method` is not forwarded.
+    pub method_override: bool,
+}
+
+/// What a GET's body turned out to be.
+enum GetBody {
+    /// None, empty, or the Node SDK's `{}`.
+    Nothing,
+    /// Anything else: forwarded, never cached.
+    Some(Bytes),
+}
+
+impl Proxy {
+    /// Classifies one request (see the module doc).
+    pub(crate) async fn classify<'a>(
+        &self,
+        parts: &'a Parts,
+        body: Incoming,
+    ) -> Result<(Request<'a>, Kind), ProxyError> {
+        self.check_head(parts)?;
+        let query = QueryParams::parse(parts.uri.query());
+        let headers = &parts.headers;
+        let authorization = authorization_credential(headers);
+        let user_agent = headers
+            .get(header::USER_AGENT)
+            .map_or(&b""[..], HeaderValue::as_bytes);
+        let control = client_cache_control(headers);
+        let reads = parts.method == Method::GET || parts.method == Method::HEAD;
+        let override_post = query
+            .get("method")
+            .is_some_and(|m| m.eq_ignore_ascii_case("post"))
+            && query.count("method") == 1;
+        let mut body_params: Vec<(String, String)> = Vec::new();
+        let kind = if reads && !query.overrides_to_write() {
+            match read_get_body(body, self.config.header_read_timeout).await? {
+                GetBody::Some(bytes) => Kind::Bypass(Some(bytes)),
+                GetBody::Nothing => {
+                    let policy = self.config.routes.policy_for(parts.uri.path());
+                    if control.no_store || !policy.cache || query.contains("callback") {
+                        Kind::Bypass(None)
+                    } else {
+                        Kind::Read(policy)
+                    }
+                }
+            }
+        } else {
+            let is_write = reads
+                || matches!(
+                    parts.method,
+                    Method::POST | Method::PUT | Method::DELETE | Method::PATCH
+                );
+            let may_batch = (parts.method == Method::POST || (reads && override_post))
+                && !query.contains("callback");
+            let max_body = self.config.max_body_bytes;
+            let mut sniffed_batch = false;
+            let upstream_body = if body.is_end_stream() {
+                if may_batch {
+                    if let Some(batch) = crate::client_batch::parse(&query, None, b"")? {
+                        return Ok(self.batch_request(parts, query, batch, override_post && reads));
+                    }
+                }
+                empty_body()
+            } else if is_write && sniffable_write_body(headers) {
+                // A client trickling its body must not hold the request forever.
+                let read = collect_up_to(body, MAX_PARSED_WRITE_BODY.min(max_body));
+                match tokio::time::timeout(self.upstream.timeout, read)
+                    .await
+                    .map_err(|_| ProxyError::ClientTimeout)?
+                    .map_err(|e| ProxyError::ClientBody(Arc::new(e)))?
+                {
+                    Collected::Complete(bytes) if parseable_write_body(headers) => {
+                        if may_batch {
+                            let content_type = headers.get(header::CONTENT_TYPE);
+                            if let Some(batch) =
+                                crate::client_batch::parse(&query, content_type, &bytes)?
+                            {
+                                if !batch.top_level.iter().any(|(k, _)| k == "callback") {
+                                    return Ok(self.batch_request(
+                                        parts,
+                                        query,
+                                        batch,
+                                        override_post && reads,
+                                    ));
+                                }
+                                sniffed_batch = true;
+                            }
+                        }
+                        body_params = write_body_params(headers, &bytes);
+                        full_body(bytes)
+                    }
+                    Collected::Complete(bytes) => {
+                        sniffed_batch = names_batch_part(&bytes);
+                        full_body(bytes)
+                    }
+                    Collected::Overflow { prefix, rest } => {
+                        sniffed_batch = names_batch_part(&prefix);
+                        limited_body(
+                            ResponseBody::Relay {
+                                prefix: Some(prefix),
+                                rest,
+                            },
+                            max_body,
+                        )
+                    }
+                }
+            } else {
+                limited_body(body, max_body)
+            };
+            let scope = is_write.then(|| {
+                // A batch graphcache does not serve item by item (files,
+                // JSONP, a batch in the query beside another body) changes
+                // objects it cannot see: it drops everything.
+                if sniffed_batch
+                    || query.contains("batch")
+                    || body_params.iter().any(|(k, _)| k == "batch")
+                {
+                    return WriteScope::Everything;
+                }
+                WriteScope::of(objects_of(
+                    parts.uri.path(),
+                    query
+                        .iter()
+                        .chain(body_params.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+                ))
+            });
+            Kind::Write {
+                body: upstream_body,
+                scope,
+            }
+        };
+        let body_value = |name: &str| {
+            body_params
+                .iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+        };
+        let query_value = |name: &str| {
+            query
+                .iter()
+                .filter(|(k, _)| *k == name)
+                .map(|(_, v)| v)
+                .collect::<Vec<_>>()
+        };
+        let caller = (|| {
+            let token = single_value([query_value("access_token"), body_value("access_token")]).ok()?;
+            let proof =
+                single_value([query_value("appsecret_proof"), body_value("appsecret_proof")]).ok()?;
+            Some(self.tokens.identify(&Credentials {
+                token,
+                proof,
+                authorization: authorization.clone(),
+            }))
+        })();
+        let kind = match kind {
+            Kind::Read(_) if caller.is_none() => Kind::Bypass(None),
+            kind => kind,
+        };
+        Ok((
+            Request {
+                parts,
+                query,
+                caller,
+                user_agent,
+                control,
+            },
+            kind,
+        ))
+    }
+
+    /// Refuses heads graphcache will not forward, before anything is read.
+    fn check_head(&self, parts: &Parts) -> Result<(), ProxyError> {
+        if parts.method == Method::CONNECT {
+            return Err(ProxyError::Connect);
+        }
+        // HTTP/1 absolute-form: only the upstream's own authority is
+        // accepted, and even then the request goes to the configured upstream.
+        if parts.version <= Version::HTTP_11 && !self.upstream.is_upstream_target(&parts.uri) {
+            return Err(ProxyError::ForeignTarget);
+        }
+        if parts.uri.path() == "*" {
+            // Asterisk-form (`OPTIONS *`) asks about the server itself, and
+            // there is no path to forward it to.
+            return Err(ProxyError::BadRequest(
+                "asterisk-form request targets are not supported",
+            ));
+        }
+        if header_bytes(&parts.headers) > self.config.max_header_bytes {
+            return Err(ProxyError::HeadersTooLarge {
+                limit: self.config.max_header_bytes,
+            });
+        }
+        if content_length(&parts.headers).is_some_and(|n| n > self.config.max_body_bytes as u64) {
+            return Err(ProxyError::BodyTooLarge {
+                limit: self.config.max_body_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn batch_request<'a>(
+        &self,
+        parts: &'a Parts,
+        query: QueryParams<'a>,
+        batch: ClientBatch,
+        method_override: bool,
+    ) -> (Request<'a>, Kind) {
+        let authorization = authorization_credential(&parts.headers);
+        let credentials =
+            BatchCredentials::of(&query, &batch.top_level, authorization.as_deref());
+        let caller = credentials
+            .as_ref()
+            .ok()
+            .map(|c| c.identity(&self.tokens));
+        let (mut head, ()) = http::Request::new(()).into_parts();
+        head.method = parts.method.clone();
+        head.uri = parts.uri.clone();
+        head.version = parts.version;
+        head.headers = parts.headers.clone();
+        let request = Request {
+            parts,
+            query,
+            caller,
+            user_agent: parts
+                .headers
+                .get(header::USER_AGENT)
+                .map_or(&b""[..], HeaderValue::as_bytes),
+            control: client_cache_control(&parts.headers),
+        };
+        let kind = Kind::Batch(Box::new(BatchRequest {
+            head,
+            batch,
+            credentials,
+            method_override,
+        }));
+        (request, kind)
+    }
+}
+
+/// Reads a GET body to tell "no body" (including the Node SDK's `{}`) from a
+/// real one. Reading it also keeps the keep-alive connection healthy.
+async fn read_get_body(body: Incoming, timeout: Duration) -> Result<GetBody, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(GetBody::Nothing);
+    }
+    let collected = tokio::time::timeout(timeout, collect_up_to(body, MAX_GET_BODY))
+        .await
+        .map_err(|_| ProxyError::ClientTimeout)?
+        .map_err(|e| ProxyError::ClientBody(Arc::new(e)))?;
+    match collected {
+        Collected::Complete(bytes) => {
+            let trimmed = bytes.trim_ascii();
+            if trimmed.is_empty() || trimmed == b"{}" {
+                Ok(GetBody::Nothing)
+            } else {
+                Ok(GetBody::Some(bytes))
+            }
+        }
+        Collected::Overflow { .. } => Err(ProxyError::BodyTooLarge {
+            limit: MAX_GET_BODY,
+        }),
+    }
+}
+
+/// Form and JSON write bodies are parsed for the ids they name.
+fn parseable_write_body(headers: &HeaderMap) -> bool {
+    let content_type = headers.get(header::CONTENT_TYPE);
+    is_media_type(content_type, "application/x-www-form-urlencoded")
+        || is_media_type(content_type, "application/json")
+}
+
+/// Bodies read (up to 1 MiB) before forwarding: those parsed, and multipart
+/// ones, which are only looked at for a `batch` part.
+fn sniffable_write_body(headers: &HeaderMap) -> bool {
+    parseable_write_body(headers)
+        || is_media_type(headers.get(header::CONTENT_TYPE), "multipart/form-data")
+}
+
+/// True when a multipart body (as far as read) has a part named `batch`.
+fn names_batch_part(body: &[u8]) -> bool {
+    memchr::memmem::find(body, b"name=\"batch\"").is_some()
+        || memchr::memmem::find(body, b"name=batch").is_some()
+}
+
+/// Top-level parameters of a form or JSON write body, for object ids.
+fn write_body_params(headers: &HeaderMap, body: &[u8]) -> Vec<(String, String)> {
+    if !is_media_type(headers.get(header::CONTENT_TYPE), "application/json") {
+        return form_urlencoded::parse(body)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+    }
+    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) {
+        Ok(map) => map
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_body_parameters_from_form_and_json() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        );
+        assert_eq!(
+            write_body_params(&h, b"adset_id=5&name=x"),
+            [("adset_id".into(), "5".into()), ("name".into(), "x".into())]
+        );
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        assert_eq!(
+            write_body_params(&h, br#"{"campaign_id":7}"#),
+            [("campaign_id".into(), "7".into())]
+        );
+        assert!(write_body_params(&h, b"not json").is_empty());
+    }
+
+    #[test]
+    fn multipart_batch_parts_are_noticed() {
+        assert!(names_batch_part(b"--x\r\nContent-Disposition: form-data; name=\"batch\"\r\n\r\n[]"));
+        assert!(!names_batch_part(b"--x\r\nContent-Disposition: form-data; name=\"file\"\r\n"));
+    }
+}

@@ -1,0 +1,44 @@
+//! Tasks that must finish even if their client leaves (writes, client
+//! batches with writes): tracked for shutdown, bounded in number.
+
+use std::sync::Arc;
+
+/// The tracker and its slots.
+pub(crate) struct Detached {
+    tracker: tokio_util::task::TaskTracker,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Detached {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            tracker: tokio_util::task::TaskTracker::new(),
+            slots: Arc::new(tokio::sync::Semaphore::new(limit)),
+        }
+    }
+
+    /// Spawns `task` once a slot is free (waiting for one if need be).
+    pub(crate) async fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        self.tracker.spawn(async move {
+            let output = task.await;
+            drop(slot);
+            output
+        })
+    }
+
+    /// Stops taking tasks and waits for those running.
+    pub(crate) async fn drain(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}

@@ -1,0 +1,177 @@
+//! The request path, one stage per module, each calling only those below:
+//!
+//! 1. [`classify`]: the request is checked and classified once into a typed
+//!    [`classify::Request`]: read, bypass, write or client batch, with its
+//!    query, caller identity, User-Agent and route policy;
+//! 2. [`lookup`]: the hit decision and throttle protection, shared by single
+//!    reads and batch items;
+//! 3. the stage for its kind: [`read`], [`bypass`], [`write`], [`batch`];
+//!    reads settle upstream answers in the cache through [`settle`];
+//! 4. [`respond`]: every response builder and the typed `Cache-Status`.
+//!
+//! [`Proxy::handle`] is the edge: errors are rendered there, once, as
+//! Graph envelopes, and every request is counted and logged there.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::body::ResponseBody;
+use crate::cache::{MemoryStore, TokenHasher};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::graph::paging::PagingRewriter;
+use crate::metrics::{Metrics, Outcome};
+use crate::ratelimit::RateLimits;
+use crate::redact::redact_target;
+use crate::upstream::flight::Flights;
+use crate::upstream::packer::Packer;
+use crate::upstream::{Upstream, UpstreamTimer};
+
+mod batch;
+mod bypass;
+mod classify;
+mod detached;
+mod lookup;
+mod read;
+mod respond;
+mod settle;
+mod write;
+
+use classify::Kind;
+use read::{FetchOutcome, FlightKey};
+use respond::{rewrite_paging, Handled};
+
+/// Everything the request path needs, shared by all connections.
+pub struct Proxy {
+    pub(crate) config: Arc<Config>,
+    /// The byte-bounded store and its object index.
+    pub(crate) store: MemoryStore,
+    /// The pooled client for the one upstream.
+    pub(crate) upstream: Arc<Upstream>,
+    /// Sends cacheable GETs alone or packed into Graph batches.
+    pub(crate) packer: Packer,
+    /// Identical reads in flight, shared.
+    pub(crate) flights: Flights<FlightKey, Arc<FetchOutcome>>,
+    /// Graph's usage and throttle state.
+    pub(crate) limits: Arc<RateLimits>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Hashes credentials into caller identities (per-process key).
+    pub(crate) tokens: TokenHasher,
+    /// Rewrites paging links back to graphcache, when configured.
+    pub(crate) paging: Option<PagingRewriter>,
+    /// Writes and client batches detached from their client's connection:
+    /// shutdown waits for them, and their number is bounded.
+    pub(crate) detached: detached::Detached,
+}
+
+impl Proxy {
+    /// Builds the request path over its parts.
+    pub(crate) fn new(
+        config: Arc<Config>,
+        store: MemoryStore,
+        limits: Arc<RateLimits>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let upstream = Arc::new(Upstream::new(&config));
+        let packer = Packer::new(
+            config.packing.clone(),
+            upstream.clone(),
+            limits.clone(),
+            metrics.clone(),
+        );
+        Self {
+            detached: detached::Detached::new(config.max_connections),
+            paging: config
+                .rewrite_paging_links
+                .then(|| PagingRewriter::new(&config.upstream)),
+            flights: Flights::default(),
+            tokens: TokenHasher::random(),
+            packer,
+            upstream,
+            limits,
+            metrics,
+            store,
+            config,
+        }
+    }
+
+    /// Answers one client request. Never fails: errors become Graph envelopes.
+    pub async fn handle(self: &Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let (parts, body) = request.into_parts();
+        let timer = UpstreamTimer::default();
+        let (response, outcome) = match self.route(&parts, body, &timer).await {
+            Ok(handled) => (handled.response, handled.outcome),
+            Err(error) => {
+                tracing::warn!(kind = error.kind(), error = %error, "request failed");
+                (error.to_response(), Outcome::Error)
+            }
+        };
+        let response = match &self.paging {
+            Some(rewriter)
+                if parts.method == Method::GET
+                    && outcome != Outcome::Write
+                    && response.status() == StatusCode::OK =>
+            {
+                match PagingRewriter::client_origin(&parts.headers, &parts.uri) {
+                    Some(origin) => rewrite_paging(rewriter, response, &origin),
+                    None => response,
+                }
+            }
+            _ => response,
+        };
+        self.metrics.count_request(outcome);
+        if self.config.access_log {
+            tracing::info!(
+                target: "graphcache::access",
+                method = %parts.method,
+                target = %redact_target(parts.uri.path(), parts.uri.query()),
+                status = response.status().as_u16(),
+                cache = outcome.as_str(),
+                upstream_us = timer.micros(),
+                duration_us = started.elapsed().as_micros() as u64,
+            );
+        }
+        response
+    }
+
+    /// Classifies the request and runs the stage for its kind.
+    async fn route(
+        self: &Arc<Self>,
+        parts: &http::request::Parts,
+        body: Incoming,
+        timer: &UpstreamTimer,
+    ) -> Result<Handled, ProxyError> {
+        let (request, kind) = self.classify(parts, body).await?;
+        match kind {
+            Kind::Read(policy) => self.read(&request, policy, timer).await,
+            Kind::Bypass(body) => self.bypass(parts, body, request.caller, timer).await,
+            Kind::Write { body, scope } => self.write(&request, body, scope, timer).await,
+            Kind::Batch(batch) => self.batch(batch, timer).await,
+        }
+    }
+
+    /// Waits for detached writes and batches (shutdown).
+    pub(crate) async fn drain(&self) {
+        self.detached.drain().await;
+    }
+}
+
+/// Holds a gauge up for as long as it lives.
+pub(crate) struct GaugeGuard<'a>(&'a prometheus::IntGauge);
+
+impl<'a> GaugeGuard<'a> {
+    pub(crate) fn new(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,377 @@
+//! Every response graphcache builds, and the RFC 9211 `Cache-Status` it
+//! carries, typed so the outcome never travels as a string.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::body::ResponseBody;
+use crate::cache::CachedResponse;
+use crate::error::ProxyError;
+use crate::headers::{accepts_gzip, age_value, if_none_match_matches, is_encoded, strip_hop_by_hop};
+use crate::metrics::Outcome;
+use crate::upstream::Answer;
+
+pub(crate) const CACHE_STATUS: &str = "cache-status";
+
+/// Why a request went upstream: RFC 9211's `fwd` parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fwd {
+    /// No entry under the key.
+    UriMiss,
+    /// An entry, but for other values of the headers its `Vary` names.
+    VaryMiss,
+    /// The entry is past its fresh TTL.
+    Stale,
+    /// The client asked to revalidate (`no-cache`).
+    Request,
+    /// The method (or a write in the batch) is not cacheable.
+    Method,
+    /// The request must not touch the cache.
+    Bypass,
+    /// A client batch of which only some items went upstream.
+    Partial,
+}
+
+impl Fwd {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::UriMiss => "uri-miss",
+            Self::VaryMiss => "vary-miss",
+            Self::Stale => "stale",
+            Self::Request => "request",
+            Self::Method => "method",
+            Self::Bypass => "bypass",
+            Self::Partial => "partial",
+        }
+    }
+}
+
+/// Why a stored entry was served without a fresh upstream answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HitReason {
+    /// Within its fresh TTL.
+    Fresh,
+    /// Graph throttles the request's scope.
+    Throttled,
+    /// The scope's quota is nearly spent.
+    QuotaPressure,
+    /// Within the TTL stretched by quota-aware freshness.
+    QuotaTtl,
+}
+
+/// Why an answer was not, or not only, what upstream said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Detail {
+    /// Larger than `max_entry_bytes`: relayed, not stored.
+    TooLarge,
+    /// Upstream failed; a stored entry within max stale was served.
+    StaleIfError,
+    /// `local` of `total` batch items came from the cache.
+    Cached { local: usize, total: usize },
+}
+
+/// One response's `Cache-Status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CacheStatus {
+    /// Served from the cache.
+    Hit(HitReason),
+    /// Every item of a client batch served from the cache.
+    BatchHit { items: usize },
+    /// Went upstream.
+    Forward {
+        fwd: Fwd,
+        fwd_status: Option<u16>,
+        stored: bool,
+        detail: Option<Detail>,
+    },
+}
+
+impl CacheStatus {
+    pub(crate) fn forward(fwd: Fwd, fwd_status: u16) -> Self {
+        Self::Forward {
+            fwd,
+            fwd_status: Some(fwd_status),
+            stored: false,
+            detail: None,
+        }
+    }
+
+    /// The header value; hits cost no allocation.
+    pub(crate) fn header(&self) -> HeaderValue {
+        match self {
+            Self::Hit(HitReason::Fresh) => HeaderValue::from_static("graphcache; hit"),
+            Self::Hit(HitReason::Throttled) => {
+                HeaderValue::from_static("graphcache; hit; detail=throttled")
+            }
+            Self::Hit(HitReason::QuotaPressure) => {
+                HeaderValue::from_static("graphcache; hit; detail=quota-pressure")
+            }
+            Self::Hit(HitReason::QuotaTtl) => {
+                HeaderValue::from_static("graphcache; hit; detail=quota-ttl")
+            }
+            Self::BatchHit { items } => {
+                text(format!("graphcache; hit; detail=cached-{items}-of-{items}"))
+            }
+            Self::Forward {
+                fwd,
+                fwd_status,
+                stored,
+                detail,
+            } => {
+                let mut value = String::with_capacity(64);
+                value.push_str("graphcache; fwd=");
+                value.push_str(fwd.as_str());
+                if let Some(status) = fwd_status {
+                    value.push_str("; fwd-status=");
+                    value.push_str(&status.to_string());
+                }
+                if *stored {
+                    value.push_str("; stored");
+                }
+                match detail {
+                    None => {}
+                    Some(Detail::TooLarge) => value.push_str("; detail=too-large"),
+                    Some(Detail::StaleIfError) => value.push_str("; detail=stale-if-error"),
+                    Some(Detail::Cached { local, total }) => {
+                        value.push_str(&format!("; detail=cached-{local}-of-{total}"));
+                    }
+                }
+                text(value)
+            }
+        }
+    }
+}
+
+fn text(value: String) -> HeaderValue {
+    HeaderValue::from_str(&value).expect("cache-status is ASCII")
+}
+
+/// A response plus what the cache did, for metrics and the access log.
+pub(crate) struct Handled {
+    pub(crate) response: Response<ResponseBody>,
+    pub(crate) outcome: Outcome,
+}
+
+impl Handled {
+    pub(crate) fn new(response: Response<ResponseBody>, outcome: Outcome) -> Self {
+        Self { response, outcome }
+    }
+}
+
+/// A response from a stored entry: a 304 when the client's own
+/// `If-None-Match` matches, else the stored body. Shares the body bytes.
+pub(crate) fn serve_entry(
+    parts: &Parts,
+    entry: &CachedResponse,
+    now: std::time::Instant,
+    status: CacheStatus,
+    outcome: Outcome,
+) -> Handled {
+    let age = age_value(entry.age(now).as_secs());
+    if entry
+        .etag
+        .as_ref()
+        .is_some_and(|tag| if_none_match_matches(&parts.headers, tag))
+    {
+        let mut response = not_modified(&entry.headers, status.header());
+        response.headers_mut().insert(header::AGE, age);
+        return Handled::new(response, outcome);
+    }
+    let head = parts.method == Method::HEAD;
+    let mut response = Response::new(if head {
+        ResponseBody::Empty
+    } else {
+        ResponseBody::full(entry.body.clone())
+    });
+    let headers = response.headers_mut();
+    headers.reserve(entry.headers.len() + 3);
+    headers.extend(entry.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
+    headers.insert(header::AGE, age);
+    headers.insert(CACHE_STATUS, status.header());
+    if head {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
+    }
+    Handled::new(response, outcome)
+}
+
+/// A 304 carrying the validator and caching headers of `headers`.
+pub(crate) fn not_modified(headers: &HeaderMap, cache_status: HeaderValue) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::Empty);
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    let out = response.headers_mut();
+    for name in [
+        header::ETAG,
+        header::CACHE_CONTROL,
+        header::EXPIRES,
+        header::VARY,
+    ] {
+        if let Some(value) = headers.get(&name) {
+            out.insert(name, value.clone());
+        }
+    }
+    out.insert(CACHE_STATUS, cache_status);
+    response
+}
+
+/// A collected upstream answer sent to one client: a 304 when it is a 200
+/// whose ETag the client's own `If-None-Match` matches.
+pub(crate) fn answer_response(parts: &Parts, answer: &Answer, status: CacheStatus) -> Response<ResponseBody> {
+    let matches = answer.status == StatusCode::OK
+        && answer
+            .headers
+            .get(header::ETAG)
+            .is_some_and(|tag| if_none_match_matches(&parts.headers, tag));
+    if matches {
+        return not_modified(&answer.headers, status.header());
+    }
+    let head = parts.method == Method::HEAD;
+    let mut response = Response::new(if head {
+        ResponseBody::Empty
+    } else {
+        ResponseBody::full(answer.body.clone())
+    });
+    *response.status_mut() = answer.status;
+    let headers = response.headers_mut();
+    headers.reserve(answer.headers.len() + 2);
+    headers.extend(answer.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
+    headers.remove(header::CONTENT_LENGTH);
+    if head {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(answer.body.len()));
+    }
+    headers.insert(CACHE_STATUS, status.header());
+    response
+}
+
+/// Streams an upstream answer to the client, minus hop-by-hop headers.
+pub(crate) fn relay<B>(parts: &Parts, response: Response<B>, status: CacheStatus, outcome: Outcome) -> Handled
+where
+    B: Into<ResponseBody>,
+{
+    let (mut head, body) = response.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    head.headers.insert(CACHE_STATUS, status.header());
+    let body = if parts.method == Method::HEAD {
+        ResponseBody::Empty
+    } else {
+        body.into()
+    };
+    Handled::new(Response::from_parts(head, body), outcome)
+}
+
+impl From<Incoming> for ResponseBody {
+    fn from(rest: Incoming) -> Self {
+        ResponseBody::Relay { prefix: None, rest }
+    }
+}
+
+/// The reply to a client batch that failed as a whole upstream, as Graph
+/// sent it.
+pub(crate) fn whole_answer(answer: &Answer, status: CacheStatus) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::full(answer.body.clone()));
+    *response.status_mut() = answer.status;
+    let headers = response.headers_mut();
+    headers.extend(answer.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(CACHE_STATUS, status.header());
+    response
+}
+
+/// Refuses to relay an encoded body to a client that did not accept it.
+/// graphcache asks upstream for identity, so this only trips on an upstream
+/// that ignores `Accept-Encoding`.
+pub(crate) fn check_encoding(request: &HeaderMap, response: &HeaderMap) -> Result<(), ProxyError> {
+    if is_encoded(response) && !accepts_gzip(request) {
+        return Err(ProxyError::UpstreamEncoding);
+    }
+    Ok(())
+}
+
+/// Points the paging links of a complete JSON answer back at graphcache.
+pub(crate) fn rewrite_paging(
+    rewriter: &crate::graph::paging::PagingRewriter,
+    mut response: Response<ResponseBody>,
+    origin: &http::uri::Authority,
+) -> Response<ResponseBody> {
+    if !crate::graph::paging::is_json(response.headers()) {
+        return response;
+    }
+    let mut changed = false;
+    if let ResponseBody::Full(Some(body)) = response.body_mut() {
+        let rewritten = rewriter.rewrite(body, origin);
+        changed = rewritten.len() != body.len();
+        *body = rewritten;
+    }
+    if changed {
+        let headers = response.headers_mut();
+        // hyper sizes a complete body itself; a relayed length would lie.
+        headers.remove(header::CONTENT_LENGTH);
+        // The bytes now differ from what Graph's strong tag names.
+        if let Some(weak) = headers.get(header::ETAG).and_then(weaken) {
+            headers.insert(header::ETAG, weak);
+        }
+    }
+    response
+}
+
+/// `W/"…"` for a strong tag (weak comparison, which `If-None-Match` uses,
+/// still matches it).
+pub(crate) fn weaken(tag: &HeaderValue) -> Option<HeaderValue> {
+    if tag.as_bytes().starts_with(b"W/") {
+        return None;
+    }
+    let mut weak = Vec::with_capacity(tag.len() + 2);
+    weak.extend_from_slice(b"W/");
+    weak.extend_from_slice(tag.as_bytes());
+    HeaderValue::from_maybe_shared(Bytes::from(weak)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_status_values() {
+        let forward = |fwd, fwd_status, stored, detail| CacheStatus::Forward {
+            fwd,
+            fwd_status,
+            stored,
+            detail,
+        };
+        assert_eq!(
+            forward(Fwd::Stale, Some(304), false, None).header(),
+            "graphcache; fwd=stale; fwd-status=304"
+        );
+        assert_eq!(
+            forward(Fwd::UriMiss, Some(200), true, None).header(),
+            "graphcache; fwd=uri-miss; fwd-status=200; stored"
+        );
+        assert_eq!(
+            forward(Fwd::Stale, None, false, Some(Detail::StaleIfError)).header(),
+            "graphcache; fwd=stale; detail=stale-if-error"
+        );
+        assert_eq!(
+            forward(Fwd::Partial, Some(200), false, Some(Detail::Cached { local: 1, total: 3 }))
+                .header(),
+            "graphcache; fwd=partial; fwd-status=200; detail=cached-1-of-3"
+        );
+        assert_eq!(CacheStatus::Hit(HitReason::Fresh).header(), "graphcache; hit");
+        assert_eq!(
+            CacheStatus::Hit(HitReason::QuotaTtl).header(),
+            "graphcache; hit; detail=quota-ttl"
+        );
+        assert_eq!(
+            CacheStatus::BatchHit { items: 2 }.header(),
+            "graphcache; hit; detail=cached-2-of-2"
+        );
+        assert_eq!(Fwd::VaryMiss.as_str(), "vary-miss");
+    }
+
+    #[test]
+    fn weak_tags() {
+        assert_eq!(weaken(&HeaderValue::from_static("\"a\"")).unwrap(), "W/\"a\"");
+        assert!(weaken(&HeaderValue::from_static("W/\"a\"")).is_none());
+    }
+}

@@ -1,0 +1,230 @@
+//! What an upstream answer to a cacheable read does to the cache, the same
+//! for a single GET and a client batch item.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap};
+use http::StatusCode;
+
+use crate::cache::entry::{vary_of, vary_values, Vary, VaryValues};
+use crate::cache::{CacheKey, CachedResponse, Freshness, ReadTicket, Store};
+use crate::graph::routes::{CachePolicy, ObjectId};
+use crate::headers::{is_encoded, strip_per_call};
+use crate::proxy::respond::Detail;
+use crate::proxy::Proxy;
+use crate::upstream::Answer;
+
+/// A cacheable read on its way upstream: where its answer goes in the cache.
+pub(crate) struct Cacheable {
+    pub key: CacheKey,
+    pub policy: CachePolicy,
+    pub objects: Arc<[ObjectId]>,
+    pub ticket: ReadTicket,
+    pub entry: Option<Arc<CachedResponse>>,
+    /// The stored ETag went upstream as `If-None-Match`.
+    pub validated: bool,
+    /// The request headers the answer's `Vary` is judged against.
+    pub vary_basis: HeaderMap,
+}
+
+impl Cacheable {
+    /// The stored entry, if it is young enough to serve when upstream fails.
+    pub(crate) fn usable_stale(&self) -> Option<Arc<CachedResponse>> {
+        self.entry
+            .as_ref()
+            .filter(|e| e.freshness(Instant::now()) != Freshness::Expired)
+            .cloned()
+    }
+}
+
+/// What an upstream answer did to the cache (see [`Proxy::settle`]).
+pub(crate) enum Settled {
+    /// 304 to graphcache's validator: the refreshed entry, to serve.
+    Revalidated(Arc<CachedResponse>),
+    /// Upstream failed or throttled: this entry is young enough to serve.
+    Stale(Arc<CachedResponse>),
+    /// Serve the answer as it came; `stored` says whether it was kept.
+    Relay {
+        stored: bool,
+        detail: Option<Detail>,
+        /// Which requests may share the answer, by its `Vary`.
+        vary: VaryCheck,
+    },
+}
+
+/// Which requests an answer fetched for one request may serve.
+#[derive(Debug, Clone)]
+pub(crate) enum VaryCheck {
+    /// Any request of the key.
+    Any,
+    /// Requests with these values of the headers the answer varies on.
+    Values(VaryValues),
+    /// `Vary: *`: only the request it was fetched for.
+    Nobody,
+}
+
+impl VaryCheck {
+    fn of(answer_headers: &HeaderMap, basis: &HeaderMap) -> Self {
+        match vary_of(answer_headers) {
+            Vary::None => Self::Any,
+            Vary::Headers(names) => Self::Values(vary_values(&names, basis)),
+            Vary::Any => Self::Nobody,
+        }
+    }
+
+    /// True when the answer may serve a request with `headers`.
+    pub(crate) fn admits(&self, headers: &HeaderMap) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Values(values) => crate::cache::entry::vary_matches(values, headers),
+            Self::Nobody => false,
+        }
+    }
+}
+
+impl Proxy {
+    /// Settles an upstream answer in the cache: a 304 to graphcache's own
+    /// validator refreshes the entry (with the 304's headers); a 5xx or a
+    /// throttling answer falls back to a young enough entry; any other 4xx
+    /// drops the entry (the object is gone or no longer readable with this
+    /// token); a storable 200 replaces it.
+    pub(crate) async fn settle(&self, cacheable: &Cacheable, answer: &Answer) -> Settled {
+        let status = answer.status;
+        if status == StatusCode::NOT_MODIFIED && cacheable.validated {
+            if let Some(entry) = &cacheable.entry {
+                let refreshed = entry.revalidated(&answer.headers);
+                let shared = Arc::new(refreshed.clone());
+                self.store
+                    .put(cacheable.key, refreshed, cacheable.ticket)
+                    .await;
+                return Settled::Revalidated(shared);
+            }
+        }
+        let throttled = status.is_client_error()
+            && crate::graph::usage::throttle_error(&answer.body).is_some();
+        if status.is_server_error() || throttled {
+            if let Some(entry) = cacheable.usable_stale() {
+                return Settled::Stale(entry);
+            }
+        }
+        if status.is_client_error() && !throttled && cacheable.entry.is_some() {
+            self.store.remove(&cacheable.key).await;
+        }
+        let vary = VaryCheck::of(&answer.headers, &cacheable.vary_basis);
+        match self.storable_entry(answer, cacheable, &vary) {
+            Ok(entry) => Settled::Relay {
+                stored: self.store.put(cacheable.key, entry, cacheable.ticket).await,
+                detail: None,
+                vary,
+            },
+            Err(detail) => Settled::Relay {
+                stored: false,
+                detail,
+                vary,
+            },
+        }
+    }
+
+    /// The entry to store for an upstream answer, or why it is not stored
+    /// (with an RFC 9211 detail when that is worth telling the client).
+    fn storable_entry(
+        &self,
+        answer: &Answer,
+        cacheable: &Cacheable,
+        vary: &VaryCheck,
+    ) -> Result<CachedResponse, Option<Detail>> {
+        if answer.status != StatusCode::OK
+            || !storable_head(&answer.headers)
+            || cacheable.policy.retention().is_zero()
+            || matches!(vary, VaryCheck::Nobody)
+        {
+            return Err(None);
+        }
+        if answer.body.len() > self.config.max_entry_bytes {
+            return Err(Some(Detail::TooLarge));
+        }
+        if !storable_body(&answer.body) {
+            return Err(None);
+        }
+        let mut headers = answer.headers.clone();
+        strip_per_call(&mut headers);
+        headers.remove(header::CONTENT_LENGTH);
+        let etag = headers.get(header::ETAG).cloned();
+        let mut entry = CachedResponse::new(
+            headers,
+            answer.body.clone(),
+            etag,
+            cacheable.policy,
+            cacheable.objects.clone(),
+        );
+        if let VaryCheck::Values(values) = vary {
+            entry.vary = Some(values.clone());
+        }
+        Ok(entry)
+    }
+}
+
+/// A 200 head that may be stored: no cookies, no content encoding.
+fn storable_head(headers: &HeaderMap) -> bool {
+    !headers.contains_key(header::SET_COOKIE) && !is_encoded(headers)
+}
+
+/// A 200 body that may be stored: not an error envelope (Graph answers some
+/// errors with 200, e.g. with `suppress_http_code=1`), and no paging links
+/// minted for a batch (`_fb_batch_`), which fail when followed directly.
+fn storable_body(body: &Bytes) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        error: Option<serde::de::IgnoredAny>,
+    }
+    if memchr::memmem::find(body, b"_fb_batch_").is_some() {
+        return false;
+    }
+    match serde_json::from_slice::<Envelope>(body) {
+        Ok(envelope) => envelope.error.is_none(),
+        // Arrays and scalars are not envelopes; a malformed object is not kept.
+        Err(_) => !body.trim_ascii_start().starts_with(b"{"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn error_envelopes_and_batch_links_are_not_stored() {
+        assert!(storable_body(&Bytes::from_static(
+            b"{\"id\":\"1\",\"name\":\"a\"}"
+        )));
+        assert!(storable_body(&Bytes::from_static(b"[1,2]")));
+        assert!(storable_body(&Bytes::from_static(b"true")));
+        assert!(!storable_body(&Bytes::from_static(
+            b"{\"error\":{\"code\":190}}"
+        )));
+        assert!(!storable_body(&Bytes::from_static(b" {\"error\" : {}}")));
+        assert!(!storable_body(&Bytes::from_static(
+            b"{\"data\":[],\"paging\":{\"next\":\"https://x/?_fb_batch_child_request=1\"}}"
+        )));
+        // A field merely named like an error inside data is fine.
+        assert!(storable_body(&Bytes::from_static(
+            b"{\"data\":[{\"error\":1}]}"
+        )));
+    }
+
+    #[test]
+    fn vary_checks_admit_matching_requests_only() {
+        let mut answer = HeaderMap::new();
+        answer.insert("vary", HeaderValue::from_static("Foo"));
+        let mut one = HeaderMap::new();
+        one.insert("foo", HeaderValue::from_static("1"));
+        let check = VaryCheck::of(&answer, &one);
+        assert!(check.admits(&one));
+        assert!(!check.admits(&HeaderMap::new()));
+        answer.insert("vary", HeaderValue::from_static("*"));
+        assert!(!VaryCheck::of(&answer, &one).admits(&one));
+        assert!(VaryCheck::of(&HeaderMap::new(), &one).admits(&HeaderMap::new()));
+    }
+}
