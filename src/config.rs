@@ -419,11 +419,7 @@ impl RawConfig {
             usize::try_from(v)
                 .map_err(|_| ConfigError::Invalid(format!("{key} = {v} is too large")))
         };
-        let batch_max_items = positive(
-            "batch_max_items",
-            self.batch_max_items,
-            MAX_ITEMS as u64,
-        )?;
+        let batch_max_items = positive("batch_max_items", self.batch_max_items, MAX_ITEMS as u64)?;
         if batch_max_items > MAX_ITEMS as u64 {
             return Err(ConfigError::Invalid(format!(
                 "batch_max_items = {batch_max_items} is too large; Graph allows at most {} items per batch",

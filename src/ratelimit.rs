@@ -12,9 +12,9 @@ use http::{HeaderMap, StatusCode};
 
 use crate::cache::TokenIdentity;
 pub use crate::config::ThrottleSettings;
-use crate::metrics::Metrics;
 use crate::graph::routes::ObjectId;
 use crate::graph::usage::{self, UsageError};
+use crate::metrics::Metrics;
 
 /// Whose quota an answer speaks about.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -115,7 +115,10 @@ impl CachedResponse {
                 }
             }
         }
-        let etag = headers.get(header::ETAG).cloned().or_else(|| self.etag.clone());
+        let etag = headers
+            .get(header::ETAG)
+            .cloned()
+            .or_else(|| self.etag.clone());
         Self {
             headers,
             body: self.body.clone(),
@@ -240,8 +243,14 @@ mod tests {
         assert_eq!(vary_of(&HeaderMap::new()), Vary::None);
         assert_eq!(vary_of(&map(&[("vary", "Accept-Encoding")])), Vary::None);
         assert_eq!(
-            vary_of(&map(&[("vary", "Origin, accept-encoding"), ("vary", "Foo")])),
-            Vary::Headers(vec![HeaderName::from_static("origin"), HeaderName::from_static("foo")])
+            vary_of(&map(&[
+                ("vary", "Origin, accept-encoding"),
+                ("vary", "Foo")
+            ])),
+            Vary::Headers(vec![
+                HeaderName::from_static("origin"),
+                HeaderName::from_static("foo")
+            ])
         );
         assert_eq!(vary_of(&map(&[("vary", "Foo, *")])), Vary::Any);
         let values = vary_values(&[HeaderName::from_static("foo")], &map(&[("foo", "1")]));
@@ -253,7 +262,12 @@ mod tests {
     #[test]
     fn a_304_replaces_end_to_end_headers_but_not_usage_or_length() {
         let mut entry = CachedResponse::new(
-            map(&[("date", "old"), ("etag", "\"a\""), ("x-kept", "1"), ("vary", "Origin")]),
+            map(&[
+                ("date", "old"),
+                ("etag", "\"a\""),
+                ("x-kept", "1"),
+                ("vary", "Origin"),
+            ]),
             Bytes::from_static(b"{}"),
             Some(HeaderValue::from_static("\"a\"")),
             policy(0, 60),

@@ -23,7 +23,6 @@ impl fmt::Debug for CacheKey {
     }
 }
 
-
 /// The key of a cacheable GET. `query` must come from the same request as
 /// `path`; credential parameters in it are skipped.
 pub fn cache_key(

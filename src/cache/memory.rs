@@ -18,8 +18,8 @@ use moka::notification::RemovalCause;
 use moka::Expiry;
 
 use crate::cache::entry::CachedResponse;
-use crate::cache::Store;
 use crate::cache::key::CacheKey;
+use crate::cache::Store;
 use crate::graph::routes::ObjectId;
 
 /// A snapshot of the write sequence, taken before a read goes upstream.
@@ -262,11 +262,11 @@ fn forget_old_writes(index: &mut Index, now: Instant, memory: Duration) {
 fn written_since(index: &Index, objects: &[ObjectId], ticket: ReadTicket) -> bool {
     index.last_write_to_all > ticket.sequence
         || objects.iter().any(|o| {
-        index
-            .objects
-            .get(o)
-            .is_some_and(|r| r.last_write > ticket.sequence)
-    })
+            index
+                .objects
+                .get(o)
+                .is_some_and(|r| r.last_write > ticket.sequence)
+        })
 }
 
 /// Removes `key` from its objects' records if this entry is still the one
@@ -390,7 +390,8 @@ mod tests {
     async fn a_write_to_everything_drops_all_and_stops_older_reads() {
         let s = store();
         let ticket = s.read_ticket();
-        s.put(key("/v1/1", "t"), entry("/v1/1"), s.read_ticket()).await;
+        s.put(key("/v1/1", "t"), entry("/v1/1"), s.read_ticket())
+            .await;
         assert_eq!(s.invalidate_all().await, 1);
         assert!(s.get(&key("/v1/1", "t")).await.is_none());
         assert!(!s.put(key("/v1/2", "t"), entry("/v1/2"), ticket).await);

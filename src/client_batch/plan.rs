@@ -89,9 +89,20 @@ impl BatchCredentials {
                 .filter(move |(k, _)| k == name)
                 .map(|(_, v)| v.as_str())
         };
-        let url = |name: &'static str| query.iter().filter(move |(k, _)| *k == name).map(|(_, v)| v);
-        let token = single_value([url("access_token").collect::<Vec<_>>(), body("access_token").collect()])?;
-        let proof = single_value([url("appsecret_proof").collect::<Vec<_>>(), body("appsecret_proof").collect()])?;
+        let url = |name: &'static str| {
+            query
+                .iter()
+                .filter(move |(k, _)| *k == name)
+                .map(|(_, v)| v)
+        };
+        let token = single_value([
+            url("access_token").collect::<Vec<_>>(),
+            body("access_token").collect(),
+        ])?;
+        let proof = single_value([
+            url("appsecret_proof").collect::<Vec<_>>(),
+            body("appsecret_proof").collect(),
+        ])?;
         Ok(Self {
             token: token.map(str::to_owned),
             proof: proof.map(str::to_owned),
@@ -208,7 +219,10 @@ pub fn write_scope(
 /// `text` with every `{result=name:$.path}` replaced by the values the path
 /// selects in the named result, comma-separated (Graph's form for `ids`);
 /// None when a result is not visible or the path selects nothing.
-pub fn resolve_references(text: &str, result: &(dyn Fn(&str) -> Option<Value> + Sync)) -> Option<String> {
+pub fn resolve_references(
+    text: &str,
+    result: &(dyn Fn(&str) -> Option<Value> + Sync),
+) -> Option<String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find("{result=") {
@@ -378,9 +392,15 @@ mod tests {
             Some("?ids=2")
         );
         assert_eq!(resolve_references("{result=omitted:$.id}", &results), None);
-        assert_eq!(resolve_references("{result=create:$.nothing}", &results), None);
+        assert_eq!(
+            resolve_references("{result=create:$.nothing}", &results),
+            None
+        );
         assert_eq!(resolve_references("{result=create:id}", &results), None);
-        assert_eq!(resolve_references("plain", &results).as_deref(), Some("plain"));
+        assert_eq!(
+            resolve_references("plain", &results).as_deref(),
+            Some("plain")
+        );
     }
 
     #[test]
@@ -400,7 +420,10 @@ mod tests {
         assert_eq!(ids(write_scope(&batch, 0, "/v26.0/", &hidden)), ["1"]);
         assert_eq!(ids(write_scope(&batch, 1, "/v26.0/", &visible)), ["42"]);
         assert_eq!(ids(write_scope(&batch, 1, "/v26.0/", &hidden)), ["*"]);
-        assert_eq!(ids(write_scope(&batch, 2, "/v26.0/", &visible)), ["1", "42"]);
+        assert_eq!(
+            ids(write_scope(&batch, 2, "/v26.0/", &visible)),
+            ["1", "42"]
+        );
         assert_eq!(ids(write_scope(&batch, 2, "/v26.0/", &hidden)), ["*"]);
         assert_eq!(ids(write_scope(&batch, 3, "/v26.0/", &hidden)), ["*"]);
     }

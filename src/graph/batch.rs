@@ -10,9 +10,9 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use crate::headers::strip_hop_by_hop;
 use crate::graph::query::CREDENTIAL_PARAMS;
 use crate::graph::routes::is_version_segment;
+use crate::headers::strip_hop_by_hop;
 
 /// Graph's hard limit on items per batch.
 pub const MAX_ITEMS: usize = 50;

@@ -16,7 +16,9 @@ use serde_json::{Map, Value};
 
 use crate::cache::key::cache_key;
 use crate::cache::Store;
-use crate::client_batch::plan::{item_identity, set_validator, standalone, write_scope, WriteScope};
+use crate::client_batch::plan::{
+    item_identity, set_validator, standalone, write_scope, WriteScope,
+};
 use crate::client_batch::reply::{batch_reply, conditional_entry, reply_entry, rewrite_bodies};
 use crate::client_batch::{ClientBatch, Item};
 use crate::error::ProxyError;
@@ -189,7 +191,8 @@ impl Proxy {
             Ok(answer) => answer,
             Err(error) => {
                 // The writes may have run: what they touched cannot be trusted.
-                self.invalidate_writes(&batch, &plans, outer_path, &|_| None).await;
+                self.invalidate_writes(&batch, &plans, outer_path, &|_| None)
+                    .await;
                 return Err(error);
             }
         };
@@ -206,7 +209,8 @@ impl Proxy {
             // The batch failed as a whole upstream: relay Graph's answer. Only
             // a 4xx says for sure that no write ran.
             if !answer.status.is_client_error() {
-                self.invalidate_writes(&batch, &plans, outer_path, &|_| None).await;
+                self.invalidate_writes(&batch, &plans, outer_path, &|_| None)
+                    .await;
             }
             let status = CacheStatus::forward(Fwd::Method, answer.status.as_u16());
             return Ok(Handled::new(whole_answer(&answer, status), Outcome::Batch));
@@ -214,8 +218,11 @@ impl Proxy {
         let upstream = match crate::graph::batch::decode_reply(&answer.body, forwarded.len()) {
             Ok(upstream) => upstream,
             Err(error) => {
-                self.invalidate_writes(&batch, &plans, outer_path, &|_| None).await;
-                return Err(UpstreamError::BatchFailed(BatchFailure::Reply(Arc::new(error))).into());
+                self.invalidate_writes(&batch, &plans, outer_path, &|_| None)
+                    .await;
+                return Err(
+                    UpstreamError::BatchFailed(BatchFailure::Reply(Arc::new(error))).into(),
+                );
             }
         };
         let mut by_item: Vec<Option<ItemReply>> = vec![None; plans.len()];
@@ -233,8 +240,11 @@ impl Proxy {
             let reply = by_item[*named.get(name)?].as_ref()?;
             serde_json::from_slice(reply.body.as_deref()?).ok()
         };
-        for (index, ((plan, item), subject)) in
-            plans.into_iter().zip(&batch.items).zip(&subjects).enumerate()
+        for (index, ((plan, item), subject)) in plans
+            .into_iter()
+            .zip(&batch.items)
+            .zip(&subjects)
+            .enumerate()
         {
             let reply = match plan {
                 Plan::Local(entry) => entry,
@@ -250,8 +260,14 @@ impl Proxy {
                 }
                 Plan::Pass => self.item_entry(by_item[index].as_ref(), subject, include_headers),
                 Plan::Cacheable(cacheable) => {
-                    self.settle_item(&cacheable, item, subject, by_item[index].as_ref(), include_headers)
-                        .await
+                    self.settle_item(
+                        &cacheable,
+                        item,
+                        subject,
+                        by_item[index].as_ref(),
+                        include_headers,
+                    )
+                    .await
                 }
             };
             replies.push(reply);
@@ -281,7 +297,11 @@ impl Proxy {
         outer_path: &str,
         result: &(dyn Fn(&str) -> Option<Value> + Sync),
     ) {
-        for (index, _) in plans.iter().enumerate().filter(|(_, p)| matches!(p, Plan::Write)) {
+        for (index, _) in plans
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| matches!(p, Plan::Write))
+        {
             let scope = write_scope(batch, index, outer_path, result);
             self.invalidate(&scope).await;
             if scope == WriteScope::Everything {
@@ -342,7 +362,12 @@ impl Proxy {
 
     /// An upstream entry relayed as it came (null stays null, so SDKs retry
     /// the item), its usage headers read.
-    fn item_entry(&self, reply: Option<&ItemReply>, subject: &Subject, include_headers: bool) -> Value {
+    fn item_entry(
+        &self,
+        reply: Option<&ItemReply>,
+        subject: &Subject,
+        include_headers: bool,
+    ) -> Value {
         let Some(reply) = reply else {
             return Value::Null;
         };
@@ -382,7 +407,13 @@ impl Proxy {
             upstream_us: 0,
         };
         let local = |entry: &crate::cache::CachedResponse| {
-            conditional_entry(item, entry.etag.as_ref(), &entry.headers, &entry.body, include_headers)
+            conditional_entry(
+                item,
+                entry.etag.as_ref(),
+                &entry.headers,
+                &entry.body,
+                include_headers,
+            )
         };
         match self.settle(cacheable, &answer).await {
             Settled::Revalidated(entry) => {

@@ -11,8 +11,8 @@ use http::Response;
 use hyper::body::Incoming;
 
 use crate::body::{collect_up_to, Collected, ResponseBody};
-use crate::error::ProxyError;
 use crate::cache::TokenIdentity;
+use crate::error::ProxyError;
 use crate::metrics::Outcome;
 use crate::proxy::respond::{check_encoding, relay, CacheStatus, Fwd, Handled};
 use crate::proxy::Proxy;

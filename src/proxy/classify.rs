@@ -211,9 +211,13 @@ impl Proxy {
                 .collect::<Vec<_>>()
         };
         let caller = (|| {
-            let token = single_value([query_value("access_token"), body_value("access_token")]).ok()?;
-            let proof =
-                single_value([query_value("appsecret_proof"), body_value("appsecret_proof")]).ok()?;
+            let token =
+                single_value([query_value("access_token"), body_value("access_token")]).ok()?;
+            let proof = single_value([
+                query_value("appsecret_proof"),
+                body_value("appsecret_proof"),
+            ])
+            .ok()?;
             Some(self.tokens.identify(&Credentials {
                 token,
                 proof,
@@ -274,12 +278,8 @@ impl Proxy {
         method_override: bool,
     ) -> (Request<'a>, Kind) {
         let authorization = authorization_credential(&parts.headers);
-        let credentials =
-            BatchCredentials::of(&query, &batch.top_level, authorization.as_deref());
-        let caller = credentials
-            .as_ref()
-            .ok()
-            .map(|c| c.identity(&self.tokens));
+        let credentials = BatchCredentials::of(&query, &batch.top_level, authorization.as_deref());
+        let caller = credentials.as_ref().ok().map(|c| c.identity(&self.tokens));
         let (mut head, ()) = http::Request::new(()).into_parts();
         head.method = parts.method.clone();
         head.uri = parts.uri.clone();
@@ -407,7 +407,11 @@ mod tests {
 
     #[test]
     fn multipart_batch_parts_are_noticed() {
-        assert!(names_batch_part(b"--x\r\nContent-Disposition: form-data; name=\"batch\"\r\n\r\n[]"));
-        assert!(!names_batch_part(b"--x\r\nContent-Disposition: form-data; name=\"file\"\r\n"));
+        assert!(names_batch_part(
+            b"--x\r\nContent-Disposition: form-data; name=\"batch\"\r\n\r\n[]"
+        ));
+        assert!(!names_batch_part(
+            b"--x\r\nContent-Disposition: form-data; name=\"file\"\r\n"
+        ));
     }
 }

@@ -60,7 +60,9 @@ impl Proxy {
     /// Decides how `read` is answered (see the module doc).
     pub(crate) async fn lookup(&self, read: &ReadKey<'_>, now: Instant) -> Lookup {
         let stored = self.store.get(&read.key).await;
-        let vary_miss = stored.as_ref().is_some_and(|e| !e.matches_vary(read.headers));
+        let vary_miss = stored
+            .as_ref()
+            .is_some_and(|e| !e.matches_vary(read.headers));
         let entry = stored.filter(|_| !vary_miss);
         if let Some(entry) = &entry {
             if !read.control.no_cache && entry.freshness(now) == Freshness::Fresh {
@@ -69,7 +71,13 @@ impl Proxy {
             }
         }
         let objects: Arc<[ObjectId]> = objects_of(read.path, read.query.iter()).into();
-        match self.protection(entry.as_deref(), &objects, read.identity, read.control.no_cache, now) {
+        match self.protection(
+            entry.as_deref(),
+            &objects,
+            read.identity,
+            read.control.no_cache,
+            now,
+        ) {
             Protection::Forward => {}
             Protection::Serve(reason) => {
                 let entry = entry.expect("protection serves only a stored entry");

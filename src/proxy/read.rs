@@ -90,7 +90,9 @@ impl Proxy {
         timer: &UpstreamTimer,
     ) -> Result<Handled, ProxyError> {
         let parts = request.parts;
-        let identity = request.caller.expect("classify sends only identified reads here");
+        let identity = request
+            .caller
+            .expect("classify sends only identified reads here");
         let path = parts.uri.path();
         let read = ReadKey {
             key: cache_key(path, &request.query, request.user_agent, &identity),
@@ -103,7 +105,13 @@ impl Proxy {
         let now = Instant::now();
         let (entry, fwd, objects) = match self.lookup(&read, now).await {
             Lookup::Serve(entry, reason) => {
-                return Ok(serve_entry(parts, &entry, now, reason.status(), reason.outcome()))
+                return Ok(serve_entry(
+                    parts,
+                    &entry,
+                    now,
+                    reason.status(),
+                    reason.outcome(),
+                ))
             }
             Lookup::Refuse(error) => return Err(error),
             Lookup::Fetch {
@@ -299,7 +307,10 @@ impl Proxy {
                     stored: *stored,
                     detail: *detail,
                 };
-                Ok(Handled::new(answer_response(parts, answer, status), *outcome))
+                Ok(Handled::new(
+                    answer_response(parts, answer, status),
+                    *outcome,
+                ))
             }
         }
     }

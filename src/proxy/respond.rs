@@ -10,7 +10,9 @@ use hyper::body::Incoming;
 use crate::body::ResponseBody;
 use crate::cache::CachedResponse;
 use crate::error::ProxyError;
-use crate::headers::{accepts_gzip, age_value, if_none_match_matches, is_encoded, strip_hop_by_hop};
+use crate::headers::{
+    accepts_gzip, age_value, if_none_match_matches, is_encoded, strip_hop_by_hop,
+};
 use crate::metrics::Outcome;
 use crate::upstream::Answer;
 
@@ -198,7 +200,10 @@ pub(crate) fn serve_entry(
 }
 
 /// A 304 carrying the validator and caching headers of `headers`.
-pub(crate) fn not_modified(headers: &HeaderMap, cache_status: HeaderValue) -> Response<ResponseBody> {
+pub(crate) fn not_modified(
+    headers: &HeaderMap,
+    cache_status: HeaderValue,
+) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::Empty);
     *response.status_mut() = StatusCode::NOT_MODIFIED;
     let out = response.headers_mut();
@@ -218,7 +223,11 @@ pub(crate) fn not_modified(headers: &HeaderMap, cache_status: HeaderValue) -> Re
 
 /// A collected upstream answer sent to one client: a 304 when it is a 200
 /// whose ETag the client's own `If-None-Match` matches.
-pub(crate) fn answer_response(parts: &Parts, answer: &Answer, status: CacheStatus) -> Response<ResponseBody> {
+pub(crate) fn answer_response(
+    parts: &Parts,
+    answer: &Answer,
+    status: CacheStatus,
+) -> Response<ResponseBody> {
     let matches = answer.status == StatusCode::OK
         && answer
             .headers
@@ -246,7 +255,12 @@ pub(crate) fn answer_response(parts: &Parts, answer: &Answer, status: CacheStatu
 }
 
 /// Streams an upstream answer to the client, minus hop-by-hop headers.
-pub(crate) fn relay<B>(parts: &Parts, response: Response<B>, status: CacheStatus, outcome: Outcome) -> Handled
+pub(crate) fn relay<B>(
+    parts: &Parts,
+    response: Response<B>,
+    status: CacheStatus,
+    outcome: Outcome,
+) -> Handled
 where
     B: Into<ResponseBody>,
 {
@@ -353,11 +367,19 @@ mod tests {
             "graphcache; fwd=stale; detail=stale-if-error"
         );
         assert_eq!(
-            forward(Fwd::Partial, Some(200), false, Some(Detail::Cached { local: 1, total: 3 }))
-                .header(),
+            forward(
+                Fwd::Partial,
+                Some(200),
+                false,
+                Some(Detail::Cached { local: 1, total: 3 })
+            )
+            .header(),
             "graphcache; fwd=partial; fwd-status=200; detail=cached-1-of-3"
         );
-        assert_eq!(CacheStatus::Hit(HitReason::Fresh).header(), "graphcache; hit");
+        assert_eq!(
+            CacheStatus::Hit(HitReason::Fresh).header(),
+            "graphcache; hit"
+        );
         assert_eq!(
             CacheStatus::Hit(HitReason::QuotaTtl).header(),
             "graphcache; hit; detail=quota-ttl"
@@ -371,7 +393,10 @@ mod tests {
 
     #[test]
     fn weak_tags() {
-        assert_eq!(weaken(&HeaderValue::from_static("\"a\"")).unwrap(), "W/\"a\"");
+        assert_eq!(
+            weaken(&HeaderValue::from_static("\"a\"")).unwrap(),
+            "W/\"a\""
+        );
         assert!(weaken(&HeaderValue::from_static("W/\"a\"")).is_none());
     }
 }

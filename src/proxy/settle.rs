@@ -102,8 +102,8 @@ impl Proxy {
                 return Settled::Revalidated(shared);
             }
         }
-        let throttled = status.is_client_error()
-            && crate::graph::usage::throttle_error(&answer.body).is_some();
+        let throttled =
+            status.is_client_error() && crate::graph::usage::throttle_error(&answer.body).is_some();
         if status.is_server_error() || throttled {
             if let Some(entry) = cacheable.usable_stale() {
                 return Settled::Stale(entry);
