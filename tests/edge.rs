@@ -46,6 +46,25 @@ async fn absolute_form_targets_naming_another_host_are_refused() {
     let reply = raw(h.addr, own.as_bytes()).await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert_eq!(h.mock.requests(), 1);
+    // The upstream's host on another port (or the default port, or another
+    // scheme's default) is another authority: refused, nothing sent.
+    let other_port = support::dead_address().await.port();
+    for target in [
+        format!("http://127.0.0.1:{other_port}"),
+        "http://127.0.0.1".to_owned(),
+        format!("https://127.0.0.1:{}", h.mock.addr.port() + 1),
+    ] {
+        let request = format!(
+            "GET {target}/v26.0/me?access_token=EAAx HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        );
+        let reply = raw(h.addr, request.as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{target}: {reply}");
+        assert!(
+            reply.contains("x-graphcache-error: foreign_target"),
+            "{reply}"
+        );
+    }
+    assert_eq!(h.mock.requests(), 1);
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::cache::identity::{single_value, Ambiguous, Credentials, TokenHasher, TokenIdentity};
 use crate::client_batch::parse::{ClientBatch, Item};
 use crate::graph::query::QueryParams;
-use crate::graph::routes::{objects_of, ObjectId};
+use crate::graph::routes::{names_ids, objects_of, ObjectId};
 
 /// Which items graphcache may answer from its cache: GETs that stand alone
 /// (not named by a dependency or a `{result=}` reference, no `depends_on`,
@@ -189,8 +189,7 @@ pub fn write_scope(
     result: &(dyn Fn(&str) -> Option<Value> + Sync),
 ) -> WriteScope {
     let item = &batch.items[index];
-    let texts = [Some(item.relative_url.as_str()), item.body.as_deref()];
-    if texts.iter().flatten().all(|t| !t.contains("{result=")) {
+    if !references_name_objects(item, outer_path) {
         return WriteScope::of(item.objects(outer_path));
     }
     let Some(relative_url) = resolve_references(&item.relative_url, result) else {
@@ -214,6 +213,29 @@ pub fn write_scope(
         has_files: false,
     };
     WriteScope::of(resolved.objects(outer_path))
+}
+
+/// True when a `{result=}` reference stands where the objects a write
+/// touches are read from: its path, or an id parameter (`adset_id=…`) of its
+/// URL or body. Elsewhere (`creative={"creative_id":…}`) it changes nothing
+/// graphcache attributes to the write.
+fn references_name_objects(item: &Item, outer_path: &str) -> bool {
+    const MARK: &str = "{result=";
+    let (path, query) = item.single_target(outer_path);
+    if path.contains(MARK) {
+        return true;
+    }
+    let query = QueryParams::parse(query.as_deref());
+    let body: Vec<(String, String)> = item
+        .body
+        .as_deref()
+        .map(|b| form_urlencoded::parse(b.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let named = query
+        .iter()
+        .chain(body.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .any(|(name, value)| names_ids(name) && value.contains(MARK));
+    named
 }
 
 /// `text` with every `{result=name:$.path}` replaced by the values the path
@@ -409,7 +431,8 @@ mod tests {
             r#"[{"method":"POST","relative_url":"act_1/campaigns","name":"create","body":"name=x"},
                 {"method":"POST","relative_url":"{result=create:$.id}","body":"status=PAUSED"},
                 {"method":"POST","relative_url":"act_1/ads","body":"adset_id={result=create:$.id}"},
-                {"method":"POST","relative_url":"?batch_only=1","body":"name=y"}]"#,
+                {"method":"POST","relative_url":"?batch_only=1","body":"name=y"},
+                {"method":"POST","relative_url":"act_2/ads","body":"creative={\"creative_id\":\"{result=create:$.id}\"}"}]"#,
         );
         let visible = |name: &str| (name == "create").then(|| serde_json::json!({"id": "42"}));
         let hidden = |_: &str| None;
@@ -426,6 +449,8 @@ mod tests {
         );
         assert_eq!(ids(write_scope(&batch, 2, "/v26.0/", &hidden)), ["*"]);
         assert_eq!(ids(write_scope(&batch, 3, "/v26.0/", &hidden)), ["*"]);
+        // A reference outside the path and id parameters names nothing.
+        assert_eq!(ids(write_scope(&batch, 4, "/v26.0/", &hidden)), ["2"]);
     }
 
     #[test]

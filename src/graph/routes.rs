@@ -206,7 +206,7 @@ pub fn objects_of<'a>(
     });
     let mut named = Vec::new();
     for (name, value) in params {
-        if name == "ids" || name == "id" || name.ends_with("_id") || name.ends_with("_ids") {
+        if names_ids(name) {
             named.extend(ids_in(value));
         }
     }
@@ -217,6 +217,12 @@ pub fn objects_of<'a>(
         named.insert(0, node);
     }
     named
+}
+
+/// True for a parameter whose value names objects: `ids`, `id`, `*_id`,
+/// `*_ids`.
+pub fn names_ids(name: &str) -> bool {
+    name == "ids" || name == "id" || name.ends_with("_id") || name.ends_with("_ids")
 }
 
 /// Id-looking tokens (`123`, `act_123`) in a parameter value, which may be a

@@ -347,7 +347,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
     let n = state.counters.requests.fetch_add(1, Ordering::SeqCst) + 1;
     let is_batch = parts.method == Method::POST
         && (form_urlencoded::parse(&body).any(|(k, _)| k == "batch") || query.contains("batch="));
-    if parts.method != Method::GET && parts.method != Method::HEAD && !is_batch {
+    // A GET with `method=post` (any value but get) is a write to Graph too.
+    let overridden = form_urlencoded::parse(query.as_bytes())
+        .any(|(k, v)| k == "method" && !v.eq_ignore_ascii_case("get"));
+    let reads = (parts.method == Method::GET || parts.method == Method::HEAD) && !overridden;
+    if !reads && !is_batch {
         state.counters.writes.fetch_add(1, Ordering::SeqCst);
     }
     state.arrivals.send_replace(n);
@@ -413,7 +417,17 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Byte
             return run_batch(&state, &parts.headers, batch, &top_token);
         }
     }
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    // Graph decodes percent-encoded path segments (`%35%36%30` is 560).
+    let decoded: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let segments: Vec<&str> = match segments.first() {
         Some(v)
             if v.starts_with('v')
@@ -504,9 +518,14 @@ fn run_batch(
         let params: HashMap<String, String> = form_urlencoded::parse(item_query.as_bytes())
             .into_owned()
             .collect();
+        // Like Graph, a GET item's token may also come from its body.
+        let body_token = form_urlencoded::parse(item["body"].as_str().unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "access_token")
+            .map(|(_, v)| v.into_owned());
         let token = params
             .get("access_token")
             .cloned()
+            .or(body_token)
             .unwrap_or_else(|| top_token.to_owned());
         let mut headers = HeaderMap::new();
         if let Some(ua) = outer.get("user-agent") {
@@ -770,6 +789,15 @@ fn read(
                 .unwrap_or(1024);
             json!({"id": "big", "blob": "x".repeat(bytes)})
         }
+        ("varies", _) => {
+            // An answer that depends on a request header and says so.
+            extra.insert("vary", HeaderValue::from_static("Foo"));
+            json!({"id": "varies", "foo": headers.get("foo").and_then(|v| v.to_str().ok())})
+        }
+        ("varyall", _) => {
+            extra.insert("vary", HeaderValue::from_static("*"));
+            json!({"id": "varyall"})
+        }
         ("gzipped", _) => {
             extra.insert("content-encoding", HeaderValue::from_static("gzip"));
             json!({"id": "gzipped"})
@@ -822,6 +850,9 @@ fn read(
     };
     let body_bytes = serde_json::to_vec(&body).unwrap();
     let etag = MockGraph::etag_for(&body_bytes, user_agent);
+    // Which answer this is: an end-to-end header that changes every time,
+    // so a 304's headers can be told from the stored ones.
+    let served = HeaderValue::from(state.counters.requests.load(Ordering::SeqCst));
     if let Some(inm) = headers.get("if-none-match").and_then(|v| v.to_str().ok()) {
         state.counters.conditional.fetch_add(1, Ordering::SeqCst);
         if inm.split(',').any(|t| t.trim() == etag) {
@@ -830,10 +861,35 @@ fn read(
             let mut response = Response::new(Full::new(Bytes::new()));
             *response.status_mut() = StatusCode::NOT_MODIFIED;
             add_usage(response.headers_mut(), state);
+            response.headers_mut().insert("x-mock-answer", served);
             return response;
         }
     }
     extra.insert("etag", HeaderValue::from_str(&etag).unwrap());
+    extra.insert("x-mock-answer", served);
+    // Like any origin that honours ranges: `bytes=a-b` gets a 206.
+    if let Some((from, to)) = headers
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+    {
+        let to = to.min(body_bytes.len().saturating_sub(1));
+        let part = Bytes::copy_from_slice(&body_bytes[from.min(to)..=to]);
+        let mut response = Response::new(Full::new(part));
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        let h = response.headers_mut();
+        graph_headers(h);
+        h.insert(
+            "content-range",
+            HeaderValue::from_str(&format!("bytes {from}-{to}/{}", body_bytes.len())).unwrap(),
+        );
+        for (k, v) in &extra {
+            h.insert(k, v.clone());
+        }
+        return response;
+    }
     let mut response = Response::new(Full::new(Bytes::from(body_bytes)));
     let h = response.headers_mut();
     graph_headers(h);

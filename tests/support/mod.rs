@@ -287,3 +287,24 @@ impl Harness {
         }
     }
 }
+
+/// Starts a GET in its own task, for requests that must overlap.
+pub fn spawn_get(
+    h: &std::sync::Arc<Harness>,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> JoinHandle<Reply> {
+    let h = h.clone();
+    let target = target.to_owned();
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    tokio::spawn(async move {
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        h.get_with(&target, &headers).await
+    })
+}
