@@ -206,42 +206,11 @@ pub struct PackingSettings {
     pub window: Duration,
 }
 
-/// Every top-level key, for environment lookup and messages.
-pub const KEYS: [&str; 33] = [
-    "listen",
-    "admin_listen",
-    "upstream",
-    "fresh_ttl",
-    "max_stale",
-    "cache_max_bytes",
-    "max_entry_bytes",
-    "max_header_bytes",
-    "max_body_bytes",
-    "connect_timeout",
-    "upstream_timeout",
-    "header_read_timeout",
-    "shutdown_grace",
-    "max_connections",
-    "access_log",
-    "log_format",
-    "log_level",
-    "coalesce",
-    "coalesce_wait",
-    "batch",
-    "batch_max_in_flight",
-    "batch_max_items",
-    "batch_window_ms",
-    "throttle_backoff",
-    "pressure_threshold",
-    "throttle_answer_locally",
-    "quota_aware_ttl",
-    "quota_ttl_from",
-    "quota_ttl_max",
-    "usage_label_limit",
-    "rewrite_paging_links",
-    "upstream_ca_file",
-    "route",
-];
+/// Every top-level key, for environment lookup and messages: derived from
+/// [`RawConfig`] itself, so a new key cannot be forgotten here.
+pub fn keys() -> &'static [&'static str] {
+    serde_aux::serde_introspection::serde_introspect::<RawConfig>()
+}
 
 const ENV_PREFIX: &str = "GRAPHCACHE_";
 
@@ -284,10 +253,10 @@ impl Config {
             if key == "config" {
                 continue;
             }
-            if !KEYS.contains(&key.as_str()) {
+            if !keys().contains(&key.as_str()) {
                 return Err(ConfigError::Env {
                     name: name.clone(),
-                    message: format!("unknown key `{key}`; known keys: {}", KEYS.join(", ")),
+                    message: format!("unknown key `{key}`; known keys: {}", keys().join(", ")),
                 });
             }
             let value = env_value(value);
@@ -678,7 +647,9 @@ mod tests {
     fn the_shipped_config_file_is_valid_and_documents_every_key() {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/graphcache.toml");
         let text = std::fs::read_to_string(&path).unwrap();
-        for key in KEYS {
+        assert_eq!(keys().len(), 33);
+        assert!(keys().contains(&"route") && keys().contains(&"upstream_ca_file"));
+        for key in keys() {
             assert!(
                 text.contains(&format!("{key} ")) || text.contains(&format!("[[{key}]]")),
                 "{key} undocumented"
