@@ -524,6 +524,7 @@ async fn a_shared_call_serves_only_requests_that_match_its_vary() {
 #[tokio::test]
 async fn a_304_replaces_the_stored_headers_except_usage() {
     let h = Harness::with(fresh(60)).await;
+    h.mock.tag_answers();
     let target = "/v26.0/82?access_token=EAAtokenA";
     let first = h.get(target).await;
     assert_eq!(first.header("x-mock-answer"), Some("1"));

@@ -59,6 +59,18 @@ where
     Ok(found)
 }
 
+/// [`single_value`] over two sources of different kinds (a query and a
+/// body), without collecting either.
+pub fn agreed<'a>(
+    first: impl IntoIterator<Item = &'a str>,
+    second: impl IntoIterator<Item = &'a str>,
+) -> Result<Option<&'a str>, Ambiguous> {
+    match (single_value([first])?, single_value([second])?) {
+        (Some(a), Some(b)) if a != b => Err(Ambiguous),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
 /// Hashes credentials into identities with a per-process secret key.
 #[derive(Clone)]
 pub struct TokenHasher {
@@ -199,5 +211,9 @@ mod tests {
         assert_eq!(single_value([one(&["a"]), one(&["b"])]), Err(Ambiguous));
         assert_eq!(single_value([one(&["a", "a"])]), Err(Ambiguous));
         assert_eq!(single_value([one(&[""])]), Err(Ambiguous));
+        assert_eq!(agreed(one(&["a"]), Vec::new()), Ok(Some("a")));
+        assert_eq!(agreed(Vec::new(), one(&["b"])), Ok(Some("b")));
+        assert_eq!(agreed(one(&["a"]), one(&["b"])), Err(Ambiguous));
+        assert_eq!(agreed(one(&["a", "b"]), Vec::new()), Err(Ambiguous));
     }
 }

@@ -61,9 +61,20 @@ impl PagingRewriter {
             .filter(|a| !a.as_str().contains('@'))
     }
 
+    /// True when `body` holds a link to rewrite. Allocates nothing, so
+    /// answers without paging links (most cache hits) cost a few scans.
+    pub fn has_links(&self, body: &[u8]) -> bool {
+        self.needles
+            .iter()
+            .any(|(needle, _, _)| needle.find(body).is_some())
+    }
+
     /// `body` with its paging links pointed at `http://{client}/`; the same
     /// bytes (no copy) when there is none.
     pub fn rewrite(&self, body: &Bytes, client: &Authority) -> Bytes {
+        if !self.has_links(body) {
+            return body.clone();
+        }
         let target = format!("http://{client}/");
         self.needles
             .iter()

@@ -17,7 +17,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 
 use crate::body::{collect_up_to, Collected, ResponseBody};
-use crate::cache::identity::{authorization_credential, single_value, Credentials};
+use crate::cache::identity::{agreed, authorization_credential, Credentials};
 use crate::cache::TokenIdentity;
 use crate::client_batch::plan::{BatchCredentials, WriteScope};
 use crate::client_batch::ClientBatch;
@@ -196,27 +196,24 @@ impl Proxy {
                 scope,
             }
         };
-        let body_value = |name: &str| {
+        let body_value = |name: &'static str| {
             body_params
                 .iter()
-                .filter(|(k, _)| k == name)
+                .filter(move |(k, _)| k == name)
                 .map(|(_, v)| v.as_str())
-                .collect::<Vec<_>>()
         };
-        let query_value = |name: &str| {
+        let query_value = |name: &'static str| {
             query
                 .iter()
-                .filter(|(k, _)| *k == name)
+                .filter(move |(k, _)| *k == name)
                 .map(|(_, v)| v)
-                .collect::<Vec<_>>()
         };
         let caller = (|| {
-            let token =
-                single_value([query_value("access_token"), body_value("access_token")]).ok()?;
-            let proof = single_value([
+            let token = agreed(query_value("access_token"), body_value("access_token")).ok()?;
+            let proof = agreed(
                 query_value("appsecret_proof"),
                 body_value("appsecret_proof"),
-            ])
+            )
             .ok()?;
             Some(self.tokens.identify(&Credentials {
                 token,

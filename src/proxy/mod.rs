@@ -116,10 +116,7 @@ impl Proxy {
                     && outcome != Outcome::Write
                     && response.status() == StatusCode::OK =>
             {
-                match PagingRewriter::client_origin(&parts.headers, &parts.uri) {
-                    Some(origin) => rewrite_paging(rewriter, response, &origin),
-                    None => response,
-                }
+                rewrite_paging(rewriter, response, &parts)
             }
             _ => response,
         };

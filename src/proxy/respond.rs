@@ -303,18 +303,27 @@ pub(crate) fn check_encoding(request: &HeaderMap, response: &HeaderMap) -> Resul
     Ok(())
 }
 
-/// Points the paging links of a complete JSON answer back at graphcache.
+/// Points the paging links of a complete JSON answer back at graphcache,
+/// as the client reached it. An answer without links costs no allocation.
 pub(crate) fn rewrite_paging(
     rewriter: &crate::graph::paging::PagingRewriter,
     mut response: Response<ResponseBody>,
-    origin: &http::uri::Authority,
+    request: &Parts,
 ) -> Response<ResponseBody> {
-    if !crate::graph::paging::is_json(response.headers()) {
+    let ResponseBody::Full(Some(body)) = response.body() else {
+        return response;
+    };
+    if !rewriter.has_links(body) || !crate::graph::paging::is_json(response.headers()) {
         return response;
     }
+    let Some(origin) =
+        crate::graph::paging::PagingRewriter::client_origin(&request.headers, &request.uri)
+    else {
+        return response;
+    };
     let mut changed = false;
     if let ResponseBody::Full(Some(body)) = response.body_mut() {
-        let rewritten = rewriter.rewrite(body, origin);
+        let rewritten = rewriter.rewrite(body, &origin);
         changed = rewritten.len() != body.len();
         *body = rewritten;
     }

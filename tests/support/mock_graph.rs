@@ -97,6 +97,8 @@ struct State {
     null_once: Mutex<Vec<String>>,
     /// Usage headers added to every answer (name, raw value).
     usage: Mutex<Vec<(String, String)>>,
+    /// While true, answers carry `x-mock-answer`, the request count.
+    tag_answers: std::sync::atomic::AtomicBool,
     /// While set, reads and writes are answered with this throttling error
     /// code, plus these extra headers.
     throttling: Mutex<Option<Throttling>>,
@@ -163,6 +165,7 @@ impl MockGraph {
                 r#"{"call_count":5,"total_cputime":1,"total_time":2}"#.to_owned(),
             )]),
             throttling: Mutex::new(None),
+            tag_answers: Default::default(),
         });
         let serve_state = state.clone();
         tokio::spawn(async move {
@@ -262,6 +265,11 @@ impl MockGraph {
         self.seen().pop().expect("the mock received a request")
     }
     /// Changes object `id` as a write would: its bodies and ETags change.
+    /// From now on, answers carry `x-mock-answer: <request count>`.
+    pub fn tag_answers(&self) {
+        self.state.tag_answers.store(true, Ordering::SeqCst);
+    }
+
     pub fn touch(&self, id: &str) {
         *self
             .state
@@ -851,8 +859,11 @@ fn read(
     let body_bytes = serde_json::to_vec(&body).unwrap();
     let etag = MockGraph::etag_for(&body_bytes, user_agent);
     // Which answer this is: an end-to-end header that changes every time,
-    // so a 304's headers can be told from the stored ones.
-    let served = HeaderValue::from(state.counters.requests.load(Ordering::SeqCst));
+    // so a 304's headers can be told from the stored ones (when asked for).
+    let served = state
+        .tag_answers
+        .load(Ordering::SeqCst)
+        .then(|| HeaderValue::from(state.counters.requests.load(Ordering::SeqCst)));
     if let Some(inm) = headers.get("if-none-match").and_then(|v| v.to_str().ok()) {
         state.counters.conditional.fetch_add(1, Ordering::SeqCst);
         if inm.split(',').any(|t| t.trim() == etag) {
@@ -861,12 +872,16 @@ fn read(
             let mut response = Response::new(Full::new(Bytes::new()));
             *response.status_mut() = StatusCode::NOT_MODIFIED;
             add_usage(response.headers_mut(), state);
-            response.headers_mut().insert("x-mock-answer", served);
+            if let Some(served) = served {
+                response.headers_mut().insert("x-mock-answer", served);
+            }
             return response;
         }
     }
     extra.insert("etag", HeaderValue::from_str(&etag).unwrap());
-    extra.insert("x-mock-answer", served);
+    if let Some(served) = served {
+        extra.insert("x-mock-answer", served);
+    }
     // Like any origin that honours ranges: `bytes=a-b` gets a 206.
     if let Some((from, to)) = headers
         .get("range")
