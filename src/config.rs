@@ -16,6 +16,41 @@ use serde::Deserialize;
 use crate::graph::batch::MAX_ITEMS;
 use crate::graph::routes::{CachePolicy, RoutePolicies, RouteRule};
 
+/// Every default, in one place; `config/graphcache.toml` documents them.
+/// Durations are seconds unless named otherwise.
+pub mod default {
+    pub const LISTEN: &str = "127.0.0.1:8080";
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:9090";
+    pub const UPSTREAM: &str = "https://graph.facebook.com";
+    pub const FRESH_TTL: u64 = 0;
+    pub const MAX_STALE: u64 = 3600;
+    pub const CACHE_MAX_BYTES: u64 = 256 << 20;
+    pub const MAX_ENTRY_BYTES: u64 = 4 << 20;
+    pub const MAX_HEADER_BYTES: u64 = 32 << 10;
+    pub const MAX_BODY_BYTES: u64 = 64 << 20;
+    pub const CONNECT_TIMEOUT: u64 = 5;
+    pub const UPSTREAM_TIMEOUT: u64 = 60;
+    pub const HEADER_READ_TIMEOUT: u64 = 10;
+    pub const SHUTDOWN_GRACE: u64 = 25;
+    pub const MAX_CONNECTIONS: u64 = 4096;
+    pub const ACCESS_LOG: bool = true;
+    pub const LOG_FORMAT: &str = "text";
+    pub const LOG_LEVEL: &str = "info";
+    /// `coalesce_wait` defaults to `upstream_timeout`.
+    pub const COALESCE: bool = true;
+    pub const BATCH: bool = true;
+    pub const BATCH_MAX_IN_FLIGHT: u64 = 4;
+    pub const BATCH_WINDOW_MS: u64 = 0;
+    pub const THROTTLE_BACKOFF: u64 = 60;
+    pub const PRESSURE_THRESHOLD: f64 = 0.95;
+    pub const THROTTLE_ANSWER_LOCALLY: bool = false;
+    pub const QUOTA_AWARE_TTL: bool = false;
+    pub const QUOTA_TTL_FROM: f64 = 0.75;
+    pub const QUOTA_TTL_MAX: u64 = 300;
+    pub const USAGE_LABEL_LIMIT: u64 = 100;
+    pub const REWRITE_PAGING_LINKS: bool = true;
+}
+
 /// Command line. The flag names are a contract with users: keep them.
 #[derive(Debug, Default, Parser)]
 #[command(
@@ -184,12 +219,12 @@ pub struct ThrottleSettings {
 impl Default for ThrottleSettings {
     fn default() -> Self {
         Self {
-            backoff: Duration::from_secs(60),
-            pressure_threshold: 0.95,
-            answer_locally: false,
+            backoff: Duration::from_secs(default::THROTTLE_BACKOFF),
+            pressure_threshold: default::PRESSURE_THRESHOLD,
+            answer_locally: default::THROTTLE_ANSWER_LOCALLY,
             quota_ttl_from: None,
-            quota_ttl_max: Duration::from_secs(300),
-            label_limit: 100,
+            quota_ttl_max: Duration::from_secs(default::QUOTA_TTL_MAX),
+            label_limit: default::USAGE_LABEL_LIMIT as usize,
         }
     }
 }
@@ -342,14 +377,10 @@ impl RawConfig {
                 Ok(v)
             }
         };
-        let upstream = parse_upstream(
-            self.upstream
-                .as_deref()
-                .unwrap_or("https://graph.facebook.com"),
-        )?;
+        let upstream = parse_upstream(self.upstream.as_deref().unwrap_or(default::UPSTREAM))?;
         let default_policy = CachePolicy {
-            fresh_ttl: secs(self.fresh_ttl, 0),
-            max_stale: secs(self.max_stale, 3600),
+            fresh_ttl: secs(self.fresh_ttl, default::FRESH_TTL),
+            max_stale: secs(self.max_stale, default::MAX_STALE),
             cache: true,
             always_revalidate: false,
         };
@@ -369,7 +400,7 @@ impl RawConfig {
                 route.cache.unwrap_or(true),
             ));
         }
-        let log_format = match self.log_format.as_deref().unwrap_or("text") {
+        let log_format = match self.log_format.as_deref().unwrap_or(default::LOG_FORMAT) {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
@@ -378,7 +409,9 @@ impl RawConfig {
                 )))
             }
         };
-        let log_level = self.log_level.unwrap_or_else(|| "info".to_owned());
+        let log_level = self
+            .log_level
+            .unwrap_or_else(|| default::LOG_LEVEL.to_owned());
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
             return Err(ConfigError::Invalid(format!(
                 "log_level = {log_level:?} is not a level or filter; expected e.g. \"info\" or \"graphcache=debug\""
@@ -395,7 +428,11 @@ impl RawConfig {
                 MAX_ITEMS
             )));
         }
-        let upstream_timeout = positive("upstream_timeout", self.upstream_timeout, 60)?;
+        let upstream_timeout = positive(
+            "upstream_timeout",
+            self.upstream_timeout,
+            default::UPSTREAM_TIMEOUT,
+        )?;
         let ratio = |key: &str, v: Option<f64>, default: f64| -> Result<f64, ConfigError> {
             let v = v.unwrap_or(default);
             if (0.0..=1.0).contains(&v) && v > 0.0 {
@@ -407,18 +444,42 @@ impl RawConfig {
             }
         };
         let throttle = ThrottleSettings {
-            backoff: Duration::from_secs(positive("throttle_backoff", self.throttle_backoff, 60)?),
-            pressure_threshold: ratio("pressure_threshold", self.pressure_threshold, 0.95)?,
-            answer_locally: self.throttle_answer_locally.unwrap_or(false),
+            backoff: Duration::from_secs(positive(
+                "throttle_backoff",
+                self.throttle_backoff,
+                default::THROTTLE_BACKOFF,
+            )?),
+            pressure_threshold: ratio(
+                "pressure_threshold",
+                self.pressure_threshold,
+                default::PRESSURE_THRESHOLD,
+            )?,
+            answer_locally: self
+                .throttle_answer_locally
+                .unwrap_or(default::THROTTLE_ANSWER_LOCALLY),
             quota_ttl_from: {
                 // Validated even while off, so a bad value never waits to bite.
-                let from = ratio("quota_ttl_from", self.quota_ttl_from, 0.75)?;
-                self.quota_aware_ttl.unwrap_or(false).then_some(from)
+                let from = ratio(
+                    "quota_ttl_from",
+                    self.quota_ttl_from,
+                    default::QUOTA_TTL_FROM,
+                )?;
+                self.quota_aware_ttl
+                    .unwrap_or(default::QUOTA_AWARE_TTL)
+                    .then_some(from)
             },
-            quota_ttl_max: Duration::from_secs(positive("quota_ttl_max", self.quota_ttl_max, 300)?),
+            quota_ttl_max: Duration::from_secs(positive(
+                "quota_ttl_max",
+                self.quota_ttl_max,
+                default::QUOTA_TTL_MAX,
+            )?),
             label_limit: usize_of(
                 "usage_label_limit",
-                positive("usage_label_limit", self.usage_label_limit, 100)?,
+                positive(
+                    "usage_label_limit",
+                    self.usage_label_limit,
+                    default::USAGE_LABEL_LIMIT,
+                )?,
             )?,
         };
         let upstream_ca = match &self.upstream_ca_file {
@@ -427,10 +488,12 @@ impl RawConfig {
         };
         let config = Config {
             upstream_ca,
-            rewrite_paging_links: self.rewrite_paging_links.unwrap_or(true),
+            rewrite_paging_links: self
+                .rewrite_paging_links
+                .unwrap_or(default::REWRITE_PAGING_LINKS),
             throttle,
             coalesce: CoalesceSettings {
-                enabled: self.coalesce.unwrap_or(true),
+                enabled: self.coalesce.unwrap_or(default::COALESCE),
                 wait: Duration::from_secs(positive(
                     "coalesce_wait",
                     self.coalesce_wait,
@@ -438,51 +501,77 @@ impl RawConfig {
                 )?),
             },
             packing: PackingSettings {
-                enabled: self.batch.unwrap_or(true),
+                enabled: self.batch.unwrap_or(default::BATCH),
                 max_in_flight: usize_of(
                     "batch_max_in_flight",
-                    positive("batch_max_in_flight", self.batch_max_in_flight, 4)?,
+                    positive(
+                        "batch_max_in_flight",
+                        self.batch_max_in_flight,
+                        default::BATCH_MAX_IN_FLIGHT,
+                    )?,
                 )?,
                 max_items: batch_max_items as usize,
-                window: Duration::from_millis(self.batch_window_ms.unwrap_or(0)),
+                window: Duration::from_millis(
+                    self.batch_window_ms.unwrap_or(default::BATCH_WINDOW_MS),
+                ),
             },
-            listen: addr("listen", self.listen, "127.0.0.1:8080")?,
-            admin_listen: addr("admin_listen", self.admin_listen, "127.0.0.1:9090")?,
+            listen: addr("listen", self.listen, default::LISTEN)?,
+            admin_listen: addr("admin_listen", self.admin_listen, default::ADMIN_LISTEN)?,
             upstream,
             routes: RoutePolicies {
                 default: default_policy,
                 rules,
             },
-            cache_max_bytes: positive("cache_max_bytes", self.cache_max_bytes, 256 << 20)?,
+            cache_max_bytes: positive(
+                "cache_max_bytes",
+                self.cache_max_bytes,
+                default::CACHE_MAX_BYTES,
+            )?,
             max_entry_bytes: usize_of(
                 "max_entry_bytes",
-                positive("max_entry_bytes", self.max_entry_bytes, 4 << 20)?,
+                positive(
+                    "max_entry_bytes",
+                    self.max_entry_bytes,
+                    default::MAX_ENTRY_BYTES,
+                )?,
             )?,
             max_header_bytes: usize_of(
                 "max_header_bytes",
-                positive("max_header_bytes", self.max_header_bytes, 32 << 10)?,
+                positive(
+                    "max_header_bytes",
+                    self.max_header_bytes,
+                    default::MAX_HEADER_BYTES,
+                )?,
             )?,
             max_body_bytes: usize_of(
                 "max_body_bytes",
-                positive("max_body_bytes", self.max_body_bytes, 64 << 20)?,
+                positive(
+                    "max_body_bytes",
+                    self.max_body_bytes,
+                    default::MAX_BODY_BYTES,
+                )?,
             )?,
             connect_timeout: Duration::from_secs(positive(
                 "connect_timeout",
                 self.connect_timeout,
-                5,
+                default::CONNECT_TIMEOUT,
             )?),
             upstream_timeout: Duration::from_secs(upstream_timeout),
             header_read_timeout: Duration::from_secs(positive(
                 "header_read_timeout",
                 self.header_read_timeout,
-                10,
+                default::HEADER_READ_TIMEOUT,
             )?),
-            shutdown_grace: secs(self.shutdown_grace, 25),
+            shutdown_grace: secs(self.shutdown_grace, default::SHUTDOWN_GRACE),
             max_connections: usize_of(
                 "max_connections",
-                positive("max_connections", self.max_connections, 4096)?,
+                positive(
+                    "max_connections",
+                    self.max_connections,
+                    default::MAX_CONNECTIONS,
+                )?,
             )?,
-            access_log: self.access_log.unwrap_or(true),
+            access_log: self.access_log.unwrap_or(default::ACCESS_LOG),
             log_format,
             log_level,
         };
