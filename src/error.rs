@@ -23,6 +23,8 @@ pub enum ProxyError {
     ForeignTarget,
     #[error("the CONNECT method is not supported: graphcache is not a forward proxy")]
     Connect,
+    #[error("the method {0} is not one the Graph API accepts")]
+    MethodNotAllowed(http::Method),
     #[error("request headers are larger than the configured limit of {limit} bytes")]
     HeadersTooLarge { limit: usize },
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -57,7 +59,7 @@ impl ProxyError {
             | Self::ClientBody(_)
             | Self::BadBatch(_)
             | Self::Throttled { .. } => StatusCode::BAD_REQUEST,
-            Self::Connect => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Connect | Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -91,6 +93,7 @@ impl ProxyError {
             Self::BadRequest(_) => "bad_request",
             Self::ForeignTarget => "foreign_target",
             Self::Connect => "connect",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::HeadersTooLarge { .. } => "headers_too_large",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::ClientBody(_) => "client_body",
@@ -140,6 +143,12 @@ impl ProxyError {
         );
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         headers.insert(PROXY_ERROR_HEADER, HeaderValue::from_static(self.kind()));
+        if matches!(self, Self::Connect | Self::MethodNotAllowed(_)) {
+            headers.insert(
+                http::header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+            );
+        }
         if let Self::Throttled { remaining, .. } = self {
             headers.insert(
                 http::header::RETRY_AFTER,
@@ -187,5 +196,8 @@ mod tests {
         );
         assert_eq!(ProxyError::UpstreamEncoding.status(), 502);
         assert_eq!(ProxyError::Connect.status(), 405);
+        let trace = ProxyError::MethodNotAllowed(http::Method::TRACE).to_response();
+        assert_eq!(trace.status(), 405);
+        assert!(trace.headers()["allow"].to_str().unwrap().contains("POST"));
     }
 }

@@ -40,8 +40,12 @@ pub fn redact_target(path: &str, query: Option<&str>) -> String {
     out
 }
 
+/// Case-insensitive: `ACCESS_TOKEN=` is as secret as `access_token=`.
 fn is_secret(name: &str) -> bool {
-    CREDENTIAL_PARAMS.contains(&name) || OTHER_SECRETS.contains(&name)
+    CREDENTIAL_PARAMS
+        .iter()
+        .chain(OTHER_SECRETS.iter())
+        .any(|secret| secret.eq_ignore_ascii_case(name))
 }
 
 #[cfg(test)]
@@ -66,6 +70,11 @@ mod tests {
         assert_eq!(
             redact_target("/x", Some("client_secret=a&x")),
             "/x?client_secret=REDACTED&x"
+        );
+        // Any case: Graph treats names as sent, the log must not.
+        assert_eq!(
+            redact_target("/x", Some("ACCESS_TOKEN=s&Appsecret_Proof=p")),
+            "/x?ACCESS_TOKEN=REDACTED&Appsecret_Proof=REDACTED"
         );
     }
 }

@@ -92,6 +92,29 @@ async fn connect_is_refused() {
 }
 
 #[tokio::test]
+async fn methods_graph_does_not_accept_get_a_405_and_are_not_forwarded() {
+    let h = Harness::start().await;
+    for method in ["TRACE", "get", "Post", "BREW", "PROPFIND"] {
+        let request = format!(
+            "{method} /v26.0/me?access_token=EAAx HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+        let reply = raw(h.addr, request.as_bytes()).await;
+        assert!(reply.starts_with("HTTP/1.1 405"), "{method}: {reply}");
+        assert!(
+            reply.contains("x-graphcache-error: method_not_allowed"),
+            "{reply}"
+        );
+        assert!(
+            reply
+                .to_ascii_lowercase()
+                .contains("allow: get, head, post"),
+            "{reply}"
+        );
+    }
+    assert_eq!(h.mock.requests(), 0);
+}
+
+#[tokio::test]
 async fn oversized_heads_and_bodies_get_envelopes() {
     let h = Harness::with(|c| {
         c.max_header_bytes = 4096;

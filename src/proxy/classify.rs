@@ -242,6 +242,20 @@ impl Proxy {
         if parts.method == Method::CONNECT {
             return Err(ProxyError::Connect);
         }
+        // Methods are case-sensitive (RFC 9110 §9.1): `get` is not GET, and
+        // TRACE or an unknown token is nothing Graph serves.
+        if !matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::POST
+                | Method::PUT
+                | Method::DELETE
+                | Method::PATCH
+                | Method::OPTIONS
+        ) {
+            return Err(ProxyError::MethodNotAllowed(parts.method.clone()));
+        }
         // HTTP/1 absolute-form: only the upstream's own authority is
         // accepted, and even then the request goes to the configured upstream.
         if parts.version <= Version::HTTP_11 && !self.upstream.is_upstream_target(&parts.uri) {
