@@ -188,6 +188,10 @@ pub struct Config {
     /// Extra roots trusted for the upstream's TLS certificate, besides the
     /// WebPKI roots (a private upstream, a test double).
     pub upstream_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// `GRAPHCACHE_*` variables that name no key (Kubernetes injects
+    /// `GRAPHCACHE_SERVICE_HOST`, `GRAPHCACHE_PORT`, … for a Service named
+    /// graphcache): ignored, and reported once at start-up.
+    pub ignored_env: Vec<String>,
 }
 
 /// Sharing of identical concurrent reads.
@@ -283,16 +287,15 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        let mut ignored_env = Vec::new();
         for (name, value) in &env {
             let key = name[ENV_PREFIX.len()..].to_ascii_lowercase();
             if key == "config" {
                 continue;
             }
             if !keys().contains(&key.as_str()) {
-                return Err(ConfigError::Env {
-                    name: name.clone(),
-                    message: format!("unknown key `{key}`; known keys: {}", keys().join(", ")),
-                });
+                ignored_env.push(name.clone());
+                continue;
             }
             let value = env_value(value);
             let mut single = toml::Table::new();
@@ -334,7 +337,9 @@ impl Config {
                         None => ConfigError::Invalid(message),
                     }
                 })?;
-        raw.validate()
+        let mut config = raw.validate()?;
+        config.ignored_env = ignored_env;
+        Ok(config)
     }
 
     /// The configuration a test or embedder starts from: all defaults.
@@ -487,6 +492,7 @@ impl RawConfig {
             None => Vec::new(),
         };
         let config = Config {
+            ignored_env: Vec::new(),
             upstream_ca,
             rewrite_paging_links: self
                 .rewrite_paging_links
@@ -767,13 +773,25 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("fresh_tll"), "{err}");
-        let err = load(Cli::default(), &[("GRAPHCACHE_LISTNE", "x")])
+        // A GRAPHCACHE_ variable that names no key is ignored (and reported):
+        // Kubernetes injects several for a Service named graphcache.
+        let config = load(
+            Cli::default(),
+            &[
+                ("GRAPHCACHE_LISTNE", "x"),
+                ("GRAPHCACHE_SERVICE_HOST", "10.96.0.12"),
+                ("GRAPHCACHE_PORT", "tcp://10.96.0.12:8080"),
+                ("GRAPHCACHE_PORT_8080_TCP_ADDR", "10.96.0.12"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.ignored_env.len(), 4);
+        assert!(config.ignored_env.contains(&"GRAPHCACHE_LISTNE".to_owned()));
+        // A known key with a bad value stays an error.
+        let err = load(Cli::default(), &[("GRAPHCACHE_FRESH_TTL", "soon")])
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("GRAPHCACHE_LISTNE") && err.contains("listne"),
-            "{err}"
-        );
+        assert!(err.contains("GRAPHCACHE_FRESH_TTL"), "{err}");
     }
 
     #[test]

@@ -18,9 +18,18 @@ fn main() -> ExitCode {
     };
     if cli.check_config {
         println!("configuration is valid:\n{config:#?}");
+        for name in &config.ignored_env {
+            println!("ignored environment variable {name}: it names no configuration key");
+        }
         return ExitCode::SUCCESS;
     }
     init_tracing(&config);
+    if !config.ignored_env.is_empty() {
+        tracing::warn!(
+            variables = %config.ignored_env.join(", "),
+            "ignored GRAPHCACHE_ environment variables that name no configuration key"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

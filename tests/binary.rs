@@ -21,13 +21,32 @@ fn check_config_accepts_the_shipped_file_and_rejects_typos() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    let bad = Command::new(BIN)
+    // A GRAPHCACHE_ variable that names no key (Kubernetes injects
+    // GRAPHCACHE_PORT for a Service named graphcache) is ignored and named.
+    let unknown = Command::new(BIN)
         .args(["--check-config", "--fresh-ttl", "5"])
         .env("GRAPHCACHE_MAX_STAEL", "3")
+        .env("GRAPHCACHE_PORT", "tcp://10.96.0.12:8080")
+        .output()
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(0));
+    let listed = String::from_utf8_lossy(&unknown.stdout);
+    assert!(
+        listed.contains("ignored environment variable GRAPHCACHE_MAX_STAEL"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("ignored environment variable GRAPHCACHE_PORT"),
+        "{listed}"
+    );
+    // A known key with a bad value is still an error.
+    let bad = Command::new(BIN)
+        .args(["--check-config"])
+        .env("GRAPHCACHE_MAX_STALE", "soon")
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("GRAPHCACHE_MAX_STAEL"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("GRAPHCACHE_MAX_STALE"));
     let help = Command::new(BIN).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     for flag in [
