@@ -152,9 +152,12 @@ impl Proxy {
         strip_per_call(&mut headers);
         headers.remove(header::CONTENT_LENGTH);
         let etag = headers.get(header::ETAG).cloned();
+        // An exact-size copy: the answer's bytes may be a slice of a much
+        // larger connection read buffer, which a stored slice would pin for
+        // the entry's whole life (memory beyond `cache_max_bytes`).
         let mut entry = CachedResponse::new(
             headers,
-            answer.body.clone(),
+            Bytes::copy_from_slice(&answer.body),
             etag,
             cacheable.policy,
             cacheable.objects.clone(),
