@@ -34,6 +34,7 @@ pub const USAGE_PARSE_ERRORS: &str = "graphcache_graph_usage_parse_errors_total"
 pub const USAGE_LABELS_FOLDED: &str = "graphcache_graph_usage_labels_folded_total";
 pub const THROTTLE_RESPONSES: &str = "graphcache_graph_throttle_responses_total";
 pub const THROTTLED_SCOPES: &str = "graphcache_throttled_scopes";
+pub const CONNECTIONS_CLOSED: &str = "graphcache_client_connections_closed_total";
 pub const CALLS_AVOIDED: &str = "graphcache_upstream_calls_avoided_total";
 
 /// Graph's usage headers and throttling, as graphcache saw them.
@@ -238,6 +239,32 @@ pub struct Metrics {
     pub coalesce: CoalesceMetrics,
     pub client_batch_items: ClientBatchMetrics,
     pub usage: UsageMetrics,
+    /// Client connections by why they ended.
+    connections_closed: IntCounterVec,
+}
+
+/// Why a client connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// No complete request head within `header_read_timeout` of connecting
+    /// (silent sockets, a stalled protocol sniff or HTTP/2 preface).
+    FirstRequestTimeout,
+    /// The connection failed (protocol error, reset, hyper's own timers).
+    Error,
+    /// Closed in order by either side.
+    Closed,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 3] = [Self::FirstRequestTimeout, Self::Error, Self::Closed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FirstRequestTimeout => "first_request_timeout",
+            Self::Error => "error",
+            Self::Closed => "closed",
+        }
+    }
 }
 
 impl Metrics {
@@ -341,6 +368,14 @@ impl Metrics {
             revalidated: items.with_label_values(&["revalidated"]),
             forwarded: items.with_label_values(&["forwarded"]),
         };
+        let connections_closed = IntCounterVec::new(
+            Opts::new(CONNECTIONS_CLOSED, "Client connections by why they ended."),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for reason in CloseReason::ALL {
+            connections_closed.with_label_values(&[reason.as_str()]);
+        }
         let usage = UsageMetrics::new();
         for c in usage.collectors() {
             registry.register(c).expect("metric names are unique");
@@ -368,6 +403,7 @@ impl Metrics {
             Box::new(cache_bytes.clone()),
             Box::new(evictions.clone()),
             Box::new(invalidations.clone()),
+            Box::new(connections_closed.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -384,7 +420,14 @@ impl Metrics {
             coalesce,
             client_batch_items,
             usage,
+            connections_closed,
         }
+    }
+
+    pub fn count_closed(&self, reason: CloseReason) {
+        self.connections_closed
+            .with_label_values(&[reason.as_str()])
+            .inc();
     }
 
     pub fn count_request(&self, outcome: Outcome) {

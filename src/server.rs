@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 use crate::admin::Admin;
 use crate::cache::MemoryStore;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{CloseReason, Metrics};
 use crate::proxy::Proxy;
 use crate::ratelimit::RateLimits;
 
@@ -111,15 +111,38 @@ impl Graphcache {
                 accepted = accept_with_permit(&self.listener, &permits) => {
                     let Some((stream, peer, permit)) = accepted else { continue };
                     let proxy = self.proxy.clone();
+                    // Set when the first request head is complete: until then
+                    // the connection has `header_read_timeout` to send one,
+                    // protocol sniff and HTTP/2 preface included.
+                    let started = Arc::new(AtomicBool::new(false));
+                    let first = started.clone();
                     let service = service_fn(move |request| {
+                        first.store(true, Ordering::Relaxed);
                         let proxy = proxy.clone();
                         async move { Ok::<_, std::convert::Infallible>(proxy.handle(request).await) }
                     });
                     let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                     let connection = graceful.watch(connection);
+                    let metrics = self.proxy.metrics.clone();
+                    let deadline = config.header_read_timeout;
                     tokio::spawn(async move {
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%peer, %error, "client connection ended with an error");
+                        tokio::pin!(connection);
+                        let result = match tokio::time::timeout(deadline, &mut connection).await {
+                            Ok(result) => result,
+                            Err(_) if !started.load(Ordering::Relaxed) => {
+                                tracing::debug!(%peer, "no request within header_read_timeout; closing");
+                                metrics.count_closed(CloseReason::FirstRequestTimeout);
+                                drop(permit);
+                                return;
+                            }
+                            Err(_) => connection.await,
+                        };
+                        match result {
+                            Ok(()) => metrics.count_closed(CloseReason::Closed),
+                            Err(error) => {
+                                tracing::debug!(%peer, %error, "client connection ended with an error");
+                                metrics.count_closed(CloseReason::Error);
+                            }
                         }
                         drop(permit);
                     });
@@ -186,6 +209,11 @@ async fn accept_with_permit(
     match listener.accept().await {
         Ok((stream, peer)) => {
             let _ = stream.set_nodelay(true);
+            // Peers that vanish without closing are found and their slot freed.
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(std::time::Duration::from_secs(60))
+                .with_interval(std::time::Duration::from_secs(10));
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
             Some((stream, peer, permit))
         }
         Err(error) => {
@@ -213,6 +241,8 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(head_limit).unwrap_or(u32::MAX))
         .max_concurrent_streams(256)
-        .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+        // A peer that does not answer a ping within this is gone.
+        .keep_alive_timeout(std::time::Duration::from_secs(20));
     builder
 }

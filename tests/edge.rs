@@ -92,6 +92,34 @@ async fn connect_is_refused() {
 }
 
 #[tokio::test]
+async fn silent_connections_are_closed_and_free_their_slots() {
+    let h = Harness::with(|c| {
+        c.max_connections = 2;
+        c.header_read_timeout = Duration::from_secs(1);
+    })
+    .await;
+    // One sends nothing; one stalls inside the HTTP/2 preface.
+    let mut silent = TcpStream::connect(h.addr).await.unwrap();
+    let mut stalled = TcpStream::connect(h.addr).await.unwrap();
+    stalled.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    for stream in [&mut silent, &mut stalled] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("graphcache closes the connection in time");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    // Both slots are free again.
+    let reply = h.get("/v26.0/1?access_token=EAAx").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        h.metric("graphcache_client_connections_closed_total{reason=\"first_request_timeout\"}")
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test]
 async fn methods_graph_does_not_accept_get_a_405_and_are_not_forwarded() {
     let h = Harness::start().await;
     for method in ["TRACE", "get", "Post", "BREW", "PROPFIND"] {
