@@ -1,20 +1,27 @@
-//! Graph's rate limits: usage headers become metrics, throttling answers put
-//! their scope (the app, or a business object such as an ad account) into a
-//! throttled state, and high usage counts as pressure. The read path asks
-//! for a [`Verdict`] before spending quota on a stored entry.
+//! Graph's rate limits, in three steps: [`observe`] reads what an answer
+//! says (pure), [`export`] turns it into metrics, and [`RateLimits`] keeps
+//! the state: throttling answers put their scope (the app, a caller, or a
+//! business object such as an ad account) into a throttled state, and high
+//! usage counts as pressure. The read path asks for a [`Verdict`] before
+//! spending quota on a stored entry.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, StatusCode};
 
 use crate::cache::TokenIdentity;
 pub use crate::config::ThrottleSettings;
 use crate::graph::routes::ObjectId;
-use crate::graph::usage::{self, UsageError};
 use crate::metrics::Metrics;
+
+mod export;
+mod observe;
+
+#[cfg(test)]
+use observe::{seconds, MAX_WAIT};
 
 /// Whose quota an answer speaks about.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -98,7 +105,7 @@ impl Verdict {
 /// Usage older than this no longer counts as pressure.
 const USAGE_MEMORY: Duration = Duration::from_secs(300);
 /// At most one warning per this interval for malformed headers.
-const WARN_INTERVAL_SECS: u64 = 60;
+pub(super) const WARN_INTERVAL_SECS: u64 = 60;
 
 /// Rate-limit state shared by all requests.
 pub struct RateLimits {
@@ -123,129 +130,19 @@ impl RateLimits {
     }
 
     /// Reads the usage headers of one upstream answer (a response, a 304,
-    /// a batch, or a batch item) about `subject`.
+    /// a batch, or a batch item) about `subject`: parse, export, then update.
     pub fn observe(&self, headers: &HeaderMap, subject: &Subject, metrics: &Metrics) {
-        let m = &metrics.usage;
-        let now = Instant::now();
-        let mut updates: Vec<(Scope, f64, Option<Duration>)> = Vec::new();
-        for header in usage::HEADERS {
-            let Some(value) = headers.get(header) else {
-                continue;
-            };
-            m.last_seen.with_label_values(&[header]).set(unix_now());
-            let result: Result<(), UsageError> = (|| {
-                match header {
-                    usage::APP_USAGE => {
-                        let u = usage::parse_app(value.as_bytes())?;
-                        for (metric, v) in [
-                            ("call_count", u.call_count),
-                            ("total_time", u.total_time),
-                            ("total_cputime", u.total_cputime),
-                        ] {
-                            if let Some(v) = v {
-                                m.app_usage.with_label_values(&[metric]).set(v / 100.0);
-                            }
-                        }
-                        updates.push((
-                            Scope::App,
-                            max_ratio(&[u.call_count, u.total_time, u.total_cputime]),
-                            None,
-                        ));
-                    }
-                    usage::AD_ACCOUNT_USAGE => {
-                        let u = usage::parse_ad_account(value.as_bytes())?;
-                        let label = subject.account.as_ref().map_or_else(
-                            || "unknown".to_owned(),
-                            |o| self.label(o.as_str(), metrics),
-                        );
-                        let label = label.as_str();
-                        if let Some(v) = u.acc_id_util_pct {
-                            m.ad_account_usage
-                                .with_label_values(&[label])
-                                .set(v / 100.0);
-                        }
-                        if let Some(v) = u.reset_time_duration {
-                            m.ad_account_reset.with_label_values(&[label]).set(v);
-                        }
-                        if let Some(object) = &subject.account {
-                            updates.push((
-                                Scope::Object(object.clone()),
-                                max_ratio(&[u.acc_id_util_pct]),
-                                None,
-                            ));
-                        }
-                    }
-                    usage::BUSINESS_USAGE => {
-                        let u = usage::parse_business(value.as_bytes())?;
-                        for (id, entries) in &u.0 {
-                            let label = self.label(id.trim_start_matches("act_"), metrics);
-                            for e in entries {
-                                let kind = if e.kind.is_empty() {
-                                    "unknown"
-                                } else {
-                                    e.kind.as_str()
-                                };
-                                for (metric, v) in [
-                                    ("call_count", e.call_count),
-                                    ("total_time", e.total_time),
-                                    ("total_cputime", e.total_cputime),
-                                ] {
-                                    if let Some(v) = v {
-                                        m.business_usage
-                                            .with_label_values(&[&label, kind, metric])
-                                            .set(v / 100.0);
-                                    }
-                                }
-                                let regain =
-                                    e.estimated_time_to_regain_access.unwrap_or(0.0).max(0.0)
-                                        * 60.0;
-                                m.business_regain
-                                    .with_label_values(&[&label, kind])
-                                    .set(regain);
-                                if let Some(object) = ObjectId::parse(id) {
-                                    let blocked = (regain > 0.0).then(|| seconds(regain));
-                                    updates.push((
-                                        Scope::Object(object),
-                                        max_ratio(&[e.call_count, e.total_time, e.total_cputime]),
-                                        blocked,
-                                    ));
-                                }
-                            }
-                        }
-                    }
-                    _ => {
-                        let u = usage::parse_insights(value.as_bytes())?;
-                        if let Some(v) = u.app_id_util_pct {
-                            m.insights_throttle
-                                .with_label_values(&["app"])
-                                .set(v / 100.0);
-                            updates.push((Scope::App, v / 100.0, None));
-                        }
-                        if let Some(v) = u.acc_id_util_pct {
-                            m.insights_throttle
-                                .with_label_values(&["account"])
-                                .set(v / 100.0);
-                            if let Some(object) = &subject.account {
-                                updates.push((Scope::Object(object.clone()), v / 100.0, None));
-                            }
-                        }
-                    }
-                }
-                Ok(())
-            })();
-            if let Err(error) = result {
-                m.parse_errors.with_label_values(&[header]).inc();
-                self.warn_now_and_then(&error);
-            }
-        }
-        if updates.is_empty() {
+        let observations = observe::usage_of(headers, subject);
+        self.export(&observations, subject, metrics);
+        if observations.scopes.is_empty() {
             return;
         }
+        let now = Instant::now();
         self.active.store(true, Ordering::Release);
         let mut scopes = self.lock();
         prune(&mut scopes, now);
-        for (scope, ratio, blocked) in updates {
-            let state = scopes.entry(scope).or_insert(ScopeState {
+        for update in observations.scopes {
+            let state = scopes.entry(update.scope).or_insert(ScopeState {
                 throttled_until: None,
                 code: 0,
                 usage: None,
@@ -254,8 +151,8 @@ impl RateLimits {
                 .usage
                 .filter(|(_, at)| *at == now)
                 .map_or(0.0, |(r, _)| r);
-            state.usage = Some((ratio.max(previous), now));
-            if let Some(wait) = blocked {
+            state.usage = Some((update.ratio.max(previous), now));
+            if let Some(wait) = update.blocked {
                 state.throttled_until = now.checked_add(wait);
                 if state.code == 0 {
                     state.code = 80_000;
@@ -275,67 +172,22 @@ impl RateLimits {
         metrics: &Metrics,
     ) {
         self.observe(headers, subject, metrics);
-        if status.is_success() && !body.trim_ascii_start().starts_with(b"{\"error\"") {
-            return;
-        }
-        let Some((code, subcode)) = usage::throttle_error(body) else {
+        let Some(throttle) =
+            observe::throttle_of(status, headers, body, subject, self.settings.backoff)
+        else {
             return;
         };
+        let code = throttle.code;
         metrics
             .usage
             .throttle_responses
             .with_label_values(&[&code.to_string()])
             .inc();
         let now = Instant::now();
-        let mut blocked: Vec<(Scope, Duration)> = Vec::new();
-        if let Some(Ok(buc)) = headers
-            .get(usage::BUSINESS_USAGE)
-            .map(|v| usage::parse_business(v.as_bytes()))
-        {
-            for (id, entries) in &buc.0 {
-                let exhausted = entries.iter().any(|e| {
-                    e.estimated_time_to_regain_access.unwrap_or(0.0) > 0.0
-                        || max_ratio(&[e.call_count, e.total_time, e.total_cputime]) >= 1.0
-                });
-                let regain = entries
-                    .iter()
-                    .filter_map(|e| e.estimated_time_to_regain_access)
-                    .fold(0.0_f64, f64::max);
-                if let (true, Some(object)) = (exhausted, ObjectId::parse(id)) {
-                    let wait = if regain > 0.0 {
-                        seconds(regain * 60.0)
-                    } else {
-                        self.settings.backoff
-                    };
-                    blocked.push((Scope::Object(object), wait));
-                }
-            }
-        }
-        if blocked.is_empty() {
-            let reset = headers
-                .get(usage::AD_ACCOUNT_USAGE)
-                .and_then(|v| usage::parse_ad_account(v.as_bytes()).ok())
-                .and_then(|u| u.reset_time_duration)
-                .filter(|s| *s > 0.0)
-                .map(seconds);
-            let wait = reset.unwrap_or(self.settings.backoff);
-            let user_level = code == 32 || (code == 17 && subcode.is_none());
-            match (code, subject.caller) {
-                (4 | 341, _) => blocked.push((Scope::App, wait)),
-                (_, Some(caller)) if user_level => blocked.push((Scope::Caller(caller), wait)),
-                _ if subject.nodes.is_empty() => blocked.push((Scope::App, wait)),
-                _ => blocked.extend(
-                    subject
-                        .nodes
-                        .iter()
-                        .map(|n| (Scope::Object(n.clone()), wait)),
-                ),
-            }
-        }
         self.active.store(true, Ordering::Release);
         let mut scopes = self.lock();
         prune(&mut scopes, now);
-        for (scope, wait) in blocked {
+        for (scope, wait) in throttle.blocked {
             tracing::warn!(scope = ?scope, code, wait_seconds = wait.as_secs(), "Graph is throttling; serving stored entries for this scope");
             let state = scopes.entry(scope).or_insert(ScopeState {
                 throttled_until: None,
@@ -398,33 +250,6 @@ impl RateLimits {
             .count()
     }
 
-    /// A bounded label value: past the limit, ids fold into `other`.
-    fn label(&self, id: &str, metrics: &Metrics) -> String {
-        let mut labels = self.labels.lock().unwrap_or_else(|e| e.into_inner());
-        if labels.contains(id) {
-            return id.to_owned();
-        }
-        if labels.len() < self.settings.label_limit {
-            labels.insert(id.to_owned());
-            return id.to_owned();
-        }
-        metrics.usage.labels_folded.inc();
-        "other".to_owned()
-    }
-
-    fn warn_now_and_then(&self, error: &UsageError) {
-        let now = unix_now() as u64;
-        let last = self.last_warning.load(Ordering::Relaxed);
-        if now >= last + WARN_INTERVAL_SECS
-            && self
-                .last_warning
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(%error, "ignoring a malformed usage header (counted in graphcache_graph_usage_parse_errors_total)");
-        }
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Scope, ScopeState>> {
         self.scopes.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -455,33 +280,6 @@ pub fn stretch(fresh_ttl: Duration, usage: f64, from: Option<f64>, max: Duration
     }
     let share = ((usage - from) / (1.0 - from).max(f64::EPSILON)).clamp(0.0, 1.0);
     fresh_ttl + (max - fresh_ttl).mul_f64(share)
-}
-
-/// Longest wait graphcache honours from a header: Graph's own windows are an
-/// hour at most, so anything longer is treated as a day.
-const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
-
-/// A wait from a header value in seconds, clamped (huge, negative or NaN
-/// values must never panic or overflow).
-fn seconds(value: f64) -> Duration {
-    Duration::try_from_secs_f64(value).map_or(
-        if value > 0.0 {
-            MAX_WAIT
-        } else {
-            Duration::ZERO
-        },
-        |d| d.min(MAX_WAIT),
-    )
-}
-
-fn max_ratio(values: &[Option<f64>]) -> f64 {
-    values.iter().flatten().fold(0.0_f64, |a, &b| a.max(b)) / 100.0
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]
