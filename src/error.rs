@@ -33,6 +33,8 @@ pub enum ProxyError {
     ClientTimeout,
     #[error("reading the request body failed: {0}")]
     ClientBody(#[source] Arc<hyper::Error>),
+    #[error("the request body broke off or is malformed: {0}")]
+    ClientBodyStream(#[source] Arc<hyper_util::client::legacy::Error>),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error("the shared upstream call for this request did not finish within {0:?}")]
@@ -57,6 +59,7 @@ impl ProxyError {
             Self::BadRequest(_)
             | Self::ForeignTarget
             | Self::ClientBody(_)
+            | Self::ClientBodyStream(_)
             | Self::BadBatch(_)
             | Self::Throttled { .. } => StatusCode::BAD_REQUEST,
             Self::Connect | Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -96,7 +99,7 @@ impl ProxyError {
             Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::HeadersTooLarge { .. } => "headers_too_large",
             Self::BodyTooLarge { .. } => "body_too_large",
-            Self::ClientBody(_) => "client_body",
+            Self::ClientBody(_) | Self::ClientBodyStream(_) => "client_body",
             Self::ClientTimeout => "client_timeout",
             Self::Upstream(e) => e.kind(),
             Self::UpstreamEncoding => "upstream_encoding",

@@ -120,6 +120,17 @@ async fn silent_connections_are_closed_and_free_their_slots() {
 }
 
 #[tokio::test]
+async fn a_malformed_streamed_upload_is_the_clients_400_not_a_502() {
+    let h = Harness::start().await;
+    let request = "POST /v26.0/act_1/adimages?access_token=EAAx HTTP/1.1\r\nHost: x\r\n\
+        Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\
+        Connection: close\r\n\r\n5\r\nhello\r\nzz\r\nbroken\r\n0\r\n\r\n";
+    let reply = raw(h.addr, request.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("x-graphcache-error: client_body"), "{reply}");
+}
+
+#[tokio::test]
 async fn methods_graph_does_not_accept_get_a_405_and_are_not_forwarded() {
     let h = Harness::start().await;
     for method in ["TRACE", "get", "Post", "BREW", "PROPFIND"] {

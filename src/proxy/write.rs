@@ -68,6 +68,11 @@ impl Proxy {
             ProxyError::Upstream(UpstreamError::Unreachable(e)) if caused_by_length_limit(&*e) => {
                 ProxyError::BodyTooLarge { limit: max_body }
             }
+            // The client's own body failed mid-stream (a malformed chunk, a
+            // reset): the client's fault, not the upstream's.
+            ProxyError::Upstream(UpstreamError::Unreachable(e)) if body_stream_failed(&*e) => {
+                ProxyError::ClientBodyStream(e)
+            }
             other => other,
         })?;
         check_encoding(&parts.headers, response.headers())?;
@@ -87,6 +92,21 @@ impl Proxy {
         };
         self.metrics.count_invalidated(dropped);
     }
+}
+
+/// True when `error`'s chain says the request body stream failed, which
+/// for a relayed request is the client's body.
+fn body_stream_failed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// True when `error`'s chain holds a body-limit error.
