@@ -607,6 +607,39 @@ fn load_certificates(
     Ok(certificates)
 }
 
+impl Config {
+    /// Takes from `running` every setting fixed at start-up (listeners, the
+    /// upstream and its client, the store's bound, connection limits, log
+    /// format), so a reload changes only what it can change atomically.
+    /// Returns the keys whose new value is thereby ignored.
+    pub fn keep_restart_only(&mut self, running: &Config) -> Vec<&'static str> {
+        let mut ignored = Vec::new();
+        macro_rules! keep {
+            ($($field:ident => $key:literal),* $(,)?) => {$(
+                if self.$field != running.$field {
+                    ignored.push($key);
+                    self.$field = running.$field.clone();
+                }
+            )*};
+        }
+        keep!(
+            listen => "listen",
+            admin_listen => "admin_listen",
+            upstream => "upstream",
+            upstream_ca => "upstream_ca_file",
+            connect_timeout => "connect_timeout",
+            upstream_timeout => "upstream_timeout",
+            header_read_timeout => "header_read_timeout",
+            cache_max_bytes => "cache_max_bytes",
+            max_body_bytes => "max_body_bytes",
+            max_connections => "max_connections",
+            shutdown_grace => "shutdown_grace",
+            log_format => "log_format",
+        );
+        ignored
+    }
+}
+
 /// Longest timeout accepted: a day.
 const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 /// Longest TTL accepted: a year.

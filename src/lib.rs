@@ -35,7 +35,7 @@ pub(crate) mod redact;
 pub(crate) mod upstream;
 
 pub use config::{Cli, Config};
-pub use server::Graphcache;
+pub use server::{Graphcache, Reloader};
 
 /// Route rules, for embedders and tests that build a [`Config`] in code.
 pub mod routes {

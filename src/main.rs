@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use graphcache::config::LogFormat;
 use graphcache::{Cli, Config, Graphcache};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -23,7 +25,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    init_tracing(&config);
+    let log_filter = init_tracing(&config);
     if !config.ignored_env.is_empty() {
         tracing::warn!(
             variables = %config.ignored_env.join(", "),
@@ -42,22 +44,64 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        #[cfg(unix)]
+        tokio::spawn(reload_on_sighup(cli, server.reloader(), log_filter));
         server.run(shutdown_signal()).await;
         ExitCode::SUCCESS
     })
 }
 
-fn init_tracing(config: &Config) {
+/// Handle to change the log filter of the running subscriber (SIGHUP).
+type LogFilter =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+fn init_tracing(config: &Config) -> LogFilter {
     let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     // Colour only for a terminal: log collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stdout);
+    let registry = tracing_subscriber::registry().with(filter);
     match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+        LogFormat::Text => registry.with(fmt).init(),
+    }
+    handle
+}
+
+/// On SIGHUP, reads the config file and environment again and applies what
+/// can change to new requests; a bad configuration keeps the running one.
+#[cfg(unix)]
+async fn reload_on_sighup(cli: Cli, reloader: graphcache::Reloader, log_filter: LogFilter) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; configuration reloads are off");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match Config::load(&cli, std::env::vars()) {
+            Ok(config) => {
+                let level = config.log_level.clone();
+                let ignored = reloader.reload(config);
+                if let Err(error) = log_filter.reload(tracing_subscriber::EnvFilter::new(&level)) {
+                    tracing::warn!(%error, "log level not reloaded");
+                }
+                if ignored.is_empty() {
+                    tracing::info!("configuration reloaded");
+                } else {
+                    tracing::warn!(
+                        ignored = %ignored.join(", "),
+                        "configuration reloaded; these keys need a restart and keep their running values"
+                    );
+                }
+            }
+            Err(error) => {
+                reloader.failed();
+                tracing::error!(%error, "configuration reload failed; the running configuration stays");
+            }
+        }
     }
 }
 

@@ -34,6 +34,7 @@ pub const USAGE_PARSE_ERRORS: &str = "graphcache_graph_usage_parse_errors_total"
 pub const USAGE_LABELS_FOLDED: &str = "graphcache_graph_usage_labels_folded_total";
 pub const THROTTLE_RESPONSES: &str = "graphcache_graph_throttle_responses_total";
 pub const THROTTLED_SCOPES: &str = "graphcache_throttled_scopes";
+pub const CONFIG_RELOADS: &str = "graphcache_config_reloads_total";
 pub const CONNECTIONS_CLOSED: &str = "graphcache_client_connections_closed_total";
 pub const CALLS_AVOIDED: &str = "graphcache_upstream_calls_avoided_total";
 
@@ -241,6 +242,8 @@ pub struct Metrics {
     pub usage: UsageMetrics,
     /// Client connections by why they ended.
     connections_closed: IntCounterVec,
+    /// Configuration reloads (SIGHUP) by result.
+    reloads: IntCounterVec,
 }
 
 /// Why a client connection ended.
@@ -376,6 +379,14 @@ impl Metrics {
         for reason in CloseReason::ALL {
             connections_closed.with_label_values(&[reason.as_str()]);
         }
+        let reloads = IntCounterVec::new(
+            Opts::new(CONFIG_RELOADS, "Configuration reloads (SIGHUP) by result."),
+            &["result"],
+        )
+        .expect("valid metric");
+        for result in ["ok", "error"] {
+            reloads.with_label_values(&[result]);
+        }
         let usage = UsageMetrics::new();
         for c in usage.collectors() {
             registry.register(c).expect("metric names are unique");
@@ -404,6 +415,7 @@ impl Metrics {
             Box::new(evictions.clone()),
             Box::new(invalidations.clone()),
             Box::new(connections_closed.clone()),
+            Box::new(reloads.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -421,7 +433,14 @@ impl Metrics {
             client_batch_items,
             usage,
             connections_closed,
+            reloads,
         }
+    }
+
+    pub fn count_reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
     }
 
     pub fn count_closed(&self, reason: CloseReason) {

@@ -71,6 +71,12 @@ impl Graphcache {
         })
     }
 
+    /// A handle that applies reloaded configurations (SIGHUP) to the running
+    /// server.
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.proxy.clone())
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
@@ -86,7 +92,7 @@ impl Graphcache {
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
     /// requests finish for up to the configured grace period, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
-        let config = self.proxy.config.clone();
+        let config = self.proxy.config.load_full();
         let builder = connection_builder(&config);
         let graceful = GracefulShutdown::new();
         let permits = Arc::new(Semaphore::new(config.max_connections));
@@ -165,6 +171,23 @@ impl Graphcache {
         }
         let _ = admin_stop.send(());
         let _ = admin_task.await;
+    }
+}
+
+/// Applies a reloaded configuration to a running graphcache.
+#[derive(Clone)]
+pub struct Reloader(Arc<Proxy>);
+
+impl Reloader {
+    /// Applies `config` to new requests atomically and counts the reload;
+    /// returns the keys that need a restart and kept their running value.
+    pub fn reload(&self, config: Config) -> Vec<&'static str> {
+        self.0.reload(config)
+    }
+
+    /// Counts a reload that failed (the running configuration stays).
+    pub fn failed(&self) {
+        self.0.metrics.count_reload(false);
     }
 }
 

@@ -130,3 +130,136 @@ async fn logs_redact_tokens_and_sigterm_exits_zero() {
     assert!(access["fields"]["upstream_us"].as_u64().is_some());
     assert_eq!(mock.requests(), 1);
 }
+
+/// Reads JSON log lines until every one of `fields` was seen; their values.
+fn fields_from_logs<const N: usize>(stdout: &mut impl BufRead, fields: [&str; N]) -> [String; N] {
+    let mut found: [Option<String>; N] = std::array::from_fn(|_| None);
+    while found.iter().any(Option::is_none) {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "graphcache exited early"
+        );
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        for (slot, field) in found.iter_mut().zip(fields) {
+            if let Some(value) = event["fields"][field].as_str() {
+                *slot = Some(value.to_owned());
+            }
+        }
+    }
+    found.map(Option::unwrap)
+}
+
+/// Reads JSON log lines until one's message contains `text`.
+fn wait_for_log(stdout: &mut impl BufRead, text: &str) {
+    loop {
+        let mut line = String::new();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "graphcache exited early"
+        );
+        if line.contains(text) {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file_and_a_bad_one_keeps_the_running_config() {
+    let mock = MockGraph::start().await;
+    let dir = std::env::temp_dir().join(format!("graphcache-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("graphcache.toml");
+    let write = |fresh_ttl: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nupstream = \"{}\"\nlog_format = \"json\"\nfresh_ttl = {fresh_ttl}\n",
+                mock.url()
+            ),
+        )
+        .unwrap()
+    };
+    write("0");
+    let mut child = Running(Some(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let pid = child.0.as_ref().unwrap().id().to_string();
+    let mut stdout = BufReader::new(child.0.as_mut().unwrap().stdout.take().unwrap());
+    let [admin, addr] = fields_from_logs(&mut stdout, ["admin", "listen"]);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let get = |uri: String| {
+        let client = client.clone();
+        async move {
+            let response = client.get(uri.parse().unwrap()).await.unwrap();
+            let status = response
+                .headers()
+                .get("cache-status")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .unwrap();
+            (status, body.to_bytes())
+        }
+    };
+    let hup = || {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    // A broken file: logged, counted, the running configuration stays.
+    std::fs::write(&file, "fresh_ttl = \"soon\"\n").unwrap();
+    hup();
+    wait_for_log(&mut stdout, "configuration reload failed");
+    // A good file with a longer TTL: applies to the next requests.
+    write("60");
+    hup();
+    wait_for_log(&mut stdout, "configuration reloaded");
+    let target = format!("http://{addr}/v26.0/91?access_token=EAAx");
+    get(target.clone()).await;
+    let (status, _) = get(target).await;
+    assert_eq!(status, "graphcache; hit");
+    let (_, metrics) = get(format!("http://{admin}/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    assert!(
+        metrics.contains("graphcache_config_reloads_total{result=\"error\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("graphcache_config_reloads_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut process = child.0.take().unwrap();
+    let exit = tokio::task::spawn_blocking(move || process.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A child graphcache, killed if the test fails before it stops it.
+struct Running(Option<std::process::Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

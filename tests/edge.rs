@@ -478,3 +478,31 @@ async fn a_bad_upstream_ca_file_is_a_config_error() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_reload_applies_to_new_requests_and_keeps_what_needs_a_restart() {
+    let h = Harness::start().await;
+    let target = "/v26.0/90?access_token=EAAx";
+    h.get(target).await;
+    assert!(!h.get(target).await.cache().hit, "fresh_ttl 0 revalidates");
+    let mut next = h.config.clone();
+    next.routes.default.fresh_ttl = Duration::from_secs(60);
+    next.rewrite_paging_links = false;
+    next.listen = "127.0.0.1:1".parse().unwrap();
+    next.max_connections = 1;
+    let ignored = h.reloader.reload(next);
+    assert_eq!(ignored, ["listen", "max_connections"]);
+    // Routes and TTLs apply to the next request; the listener is untouched.
+    h.get(target).await;
+    assert!(h.get(target).await.cache().hit);
+    let page = h.get("/v26.0/act_1/ads?access_token=EAAx").await;
+    assert!(page.json()["paging"]["next"]
+        .as_str()
+        .unwrap()
+        .starts_with("https://graph.facebook.com/"));
+    assert_eq!(
+        h.metric("graphcache_config_reloads_total{result=\"ok\"}")
+            .await,
+        1.0
+    );
+}

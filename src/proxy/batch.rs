@@ -105,7 +105,7 @@ impl Proxy {
                 plans.push(Plan::Write);
                 continue;
             }
-            let policy = self.config.routes.policy_for(&path);
+            let policy = self.config.load().routes.policy_for(&path);
             let identity = match identity {
                 Some(identity) if *standalone && !control.no_store && policy.cache => identity,
                 _ => {
@@ -439,7 +439,10 @@ impl Proxy {
 
     /// Points paging links inside item bodies back at graphcache.
     fn rewrite_item_paging(&self, head: &http::request::Parts, entries: &mut [Value]) {
-        let Some(rewriter) = &self.paging else { return };
+        if !self.config.load().rewrite_paging_links {
+            return;
+        }
+        let rewriter = &self.paging;
         let Some(origin) =
             crate::graph::paging::PagingRewriter::client_origin(&head.headers, &head.uri)
         else {

@@ -21,6 +21,7 @@ use crate::cache::identity::{agreed, authorization_credential, Credentials};
 use crate::cache::TokenIdentity;
 use crate::client_batch::plan::{BatchCredentials, WriteScope};
 use crate::client_batch::ClientBatch;
+use crate::config::Config;
 use crate::error::ProxyError;
 use crate::graph::query::QueryParams;
 use crate::graph::routes::{objects_of, CachePolicy};
@@ -85,7 +86,8 @@ impl Proxy {
         parts: &'a Parts,
         body: Incoming,
     ) -> Result<(Request<'a>, Kind), ProxyError> {
-        self.check_head(parts)?;
+        let config = self.config.load();
+        self.check_head(parts, &config)?;
         let query = QueryParams::parse(parts.uri.query());
         let headers = &parts.headers;
         let authorization = authorization_credential(headers);
@@ -100,10 +102,10 @@ impl Proxy {
             && query.count("method") == 1;
         let mut body_params: Vec<(String, String)> = Vec::new();
         let kind = if reads && !query.overrides_to_write() {
-            match read_get_body(body, self.config.header_read_timeout).await? {
+            match read_get_body(body, config.header_read_timeout).await? {
                 GetBody::Some(bytes) => Kind::Bypass(Some(bytes)),
                 GetBody::Nothing => {
-                    let policy = self.config.routes.policy_for(parts.uri.path());
+                    let policy = config.routes.policy_for(parts.uri.path());
                     if control.no_store || !policy.cache || query.contains("callback") {
                         Kind::Bypass(None)
                     } else {
@@ -119,7 +121,7 @@ impl Proxy {
                 );
             let may_batch = (parts.method == Method::POST || (reads && override_post))
                 && !query.contains("callback");
-            let max_body = self.config.max_body_bytes;
+            let max_body = config.max_body_bytes;
             let mut sniffed_batch = false;
             let upstream_body = if body.is_end_stream() {
                 if may_batch {
@@ -238,7 +240,7 @@ impl Proxy {
     }
 
     /// Refuses heads graphcache will not forward, before anything is read.
-    fn check_head(&self, parts: &Parts) -> Result<(), ProxyError> {
+    fn check_head(&self, parts: &Parts, config: &Config) -> Result<(), ProxyError> {
         if parts.method == Method::CONNECT {
             return Err(ProxyError::Connect);
         }
@@ -268,14 +270,14 @@ impl Proxy {
                 "asterisk-form request targets are not supported",
             ));
         }
-        if header_bytes(&parts.headers) > self.config.max_header_bytes {
+        if header_bytes(&parts.headers) > config.max_header_bytes {
             return Err(ProxyError::HeadersTooLarge {
-                limit: self.config.max_header_bytes,
+                limit: config.max_header_bytes,
             });
         }
-        if content_length(&parts.headers).is_some_and(|n| n > self.config.max_body_bytes as u64) {
+        if content_length(&parts.headers).is_some_and(|n| n > config.max_body_bytes as u64) {
             return Err(ProxyError::BodyTooLarge {
-                limit: self.config.max_body_bytes,
+                limit: config.max_body_bytes,
             });
         }
         Ok(())

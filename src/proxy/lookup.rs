@@ -114,13 +114,14 @@ impl Proxy {
         now: Instant,
     ) -> Protection {
         let verdict = self.limits.verdict(objects, Some(caller));
+        let settings = self.limits.settings();
         if verdict.throttled.is_none() && verdict.usage == 0.0 {
             return Protection::Forward;
         }
         let avoided = &self.metrics.usage.avoided;
         let Some(entry) = entry.filter(|e| e.freshness(now) != Freshness::Expired) else {
             return match verdict.throttled {
-                Some((remaining, code)) if self.limits.settings.answer_locally => {
+                Some((remaining, code)) if settings.answer_locally => {
                     avoided.throttled.inc();
                     Protection::Refuse(ProxyError::Throttled { code, remaining })
                 }
@@ -135,7 +136,7 @@ impl Proxy {
             (HitReason::Throttled, &avoided.throttled)
         } else if volatile {
             return Protection::Forward;
-        } else if verdict.usage >= self.limits.settings.pressure_threshold {
+        } else if verdict.usage >= settings.pressure_threshold {
             (HitReason::QuotaPressure, &avoided.pressure)
         } else if !revalidation_asked && entry.age(now) < stretched {
             (HitReason::QuotaTtl, &avoided.pressure)

@@ -15,6 +15,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -46,7 +47,8 @@ use respond::{rewrite_paging, Handled};
 
 /// Everything the request path needs, shared by all connections.
 pub struct Proxy {
-    pub(crate) config: Arc<Config>,
+    /// The running configuration; SIGHUP swaps it whole (see [`Proxy::reload`]).
+    pub(crate) config: ArcSwap<Config>,
     /// The byte-bounded store and its object index.
     pub(crate) store: MemoryStore,
     /// The pooled client for the one upstream.
@@ -60,8 +62,8 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
     /// Hashes credentials into caller identities (per-process key).
     pub(crate) tokens: TokenHasher,
-    /// Rewrites paging links back to graphcache, when configured.
-    pub(crate) paging: Option<PagingRewriter>,
+    /// Rewrites paging links back to graphcache (`rewrite_paging_links`).
+    pub(crate) paging: PagingRewriter,
     /// Writes and client batches detached from their client's connection:
     /// shutdown waits for them, and their number is bounded.
     pub(crate) detached: detached::Detached,
@@ -84,9 +86,7 @@ impl Proxy {
         );
         Self {
             detached: detached::Detached::new(config.max_connections),
-            paging: config
-                .rewrite_paging_links
-                .then(|| PagingRewriter::new(&config.upstream)),
+            paging: PagingRewriter::new(&config.upstream),
             flights: Flights::default(),
             tokens: TokenHasher::random(),
             packer,
@@ -94,8 +94,22 @@ impl Proxy {
             limits,
             metrics,
             store,
-            config,
+            config: ArcSwap::new(config),
         }
+    }
+
+    /// Applies a reloaded configuration to new requests, atomically: routes,
+    /// TTLs, limits, throttle, packing, coalescing and log settings. What is
+    /// fixed at start-up keeps its running value; the keys it names are
+    /// returned, to be logged as ignored.
+    pub(crate) fn reload(&self, mut next: Config) -> Vec<&'static str> {
+        let running = self.config.load_full();
+        let ignored = next.keep_restart_only(&running);
+        self.limits.set_settings(next.throttle.clone());
+        self.packer.set_settings(next.packing.clone());
+        self.config.store(Arc::new(next));
+        self.metrics.count_reload(true);
+        ignored
     }
 
     /// Answers one client request. Never fails: errors become Graph envelopes.
@@ -110,18 +124,18 @@ impl Proxy {
                 (error.to_response(), Outcome::Error)
             }
         };
-        let response = match &self.paging {
-            Some(rewriter)
-                if parts.method == Method::GET
-                    && outcome != Outcome::Write
-                    && response.status() == StatusCode::OK =>
-            {
-                rewrite_paging(rewriter, response, &parts)
-            }
-            _ => response,
+        let config = self.config.load();
+        let response = if config.rewrite_paging_links
+            && parts.method == Method::GET
+            && outcome != Outcome::Write
+            && response.status() == StatusCode::OK
+        {
+            rewrite_paging(&self.paging, response, &parts)
+        } else {
+            response
         };
         self.metrics.count_request(outcome);
-        if self.config.access_log {
+        if config.access_log {
             tracing::info!(
                 target: "graphcache::access",
                 method = %parts.method,

@@ -183,7 +183,7 @@ impl Proxy {
         fwd: Fwd,
         get: UpstreamGet,
     ) -> Result<(Arc<FetchOutcome>, bool), ProxyError> {
-        let settings = &self.config.coalesce;
+        let settings = self.config.load().coalesce.clone();
         if !settings.enabled {
             return Ok((Arc::new(self.run_fetch(cacheable, fwd, get).await), false));
         }

@@ -94,7 +94,9 @@ impl Proxy {
         let status = answer.status;
         if status == StatusCode::NOT_MODIFIED && cacheable.validated {
             if let Some(entry) = &cacheable.entry {
-                let refreshed = entry.revalidated(&answer.headers);
+                let mut refreshed = entry.revalidated(&answer.headers);
+                // The route's policy now, which a reload may have changed.
+                refreshed.policy = cacheable.policy;
                 let shared = Arc::new(refreshed.clone());
                 self.store
                     .put(cacheable.key, refreshed, cacheable.ticket)
@@ -142,7 +144,7 @@ impl Proxy {
         {
             return Err(None);
         }
-        if answer.body.len() > self.config.max_entry_bytes {
+        if answer.body.len() > self.config.load().max_entry_bytes {
             return Err(Some(Detail::TooLarge));
         }
         if !storable_body(&answer.body) {

@@ -62,7 +62,7 @@ impl Proxy {
         if let Some(us) = upstream_us {
             timer.add(Duration::from_micros(us));
         }
-        let max_body = self.config.max_body_bytes;
+        let max_body = self.config.load().max_body_bytes;
         let response = result.map_err(|error| match error {
             // The client's streamed body passed max_body_bytes mid-way.
             ProxyError::Upstream(UpstreamError::Unreachable(e)) if caused_by_length_limit(&*e) => {

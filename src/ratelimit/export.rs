@@ -85,7 +85,7 @@ impl RateLimits {
         if labels.contains(id) {
             return id.to_owned();
         }
-        if labels.len() < self.settings.label_limit {
+        if labels.len() < self.settings().label_limit {
             labels.insert(id.to_owned());
             return id.to_owned();
         }

@@ -109,7 +109,7 @@ pub(super) const WARN_INTERVAL_SECS: u64 = 60;
 
 /// Rate-limit state shared by all requests.
 pub struct RateLimits {
-    pub settings: ThrottleSettings,
+    settings: arc_swap::ArcSwap<ThrottleSettings>,
     scopes: Mutex<HashMap<Scope, ScopeState>>,
     /// False until any usage or throttle was seen: keeps the common path
     /// lock-free.
@@ -121,7 +121,7 @@ pub struct RateLimits {
 impl RateLimits {
     pub fn new(settings: ThrottleSettings) -> Self {
         Self {
-            settings,
+            settings: arc_swap::ArcSwap::from_pointee(settings),
             scopes: Mutex::default(),
             active: AtomicBool::new(false),
             labels: Mutex::default(),
@@ -173,7 +173,7 @@ impl RateLimits {
     ) {
         self.observe(headers, subject, metrics);
         let Some(throttle) =
-            observe::throttle_of(status, headers, body, subject, self.settings.backoff)
+            observe::throttle_of(status, headers, body, subject, self.settings().backoff)
         else {
             return;
         };
@@ -233,12 +233,23 @@ impl RateLimits {
 
     /// The fresh TTL to apply at `usage`, stretched when quota is scarce.
     pub fn stretched_ttl(&self, fresh_ttl: Duration, usage: f64) -> Duration {
+        let settings = self.settings();
         stretch(
             fresh_ttl,
             usage,
-            self.settings.quota_ttl_from,
-            self.settings.quota_ttl_max,
+            settings.quota_ttl_from,
+            settings.quota_ttl_max,
         )
+    }
+
+    /// The settings in force (a reload swaps them).
+    pub fn settings(&self) -> arc_swap::Guard<std::sync::Arc<ThrottleSettings>> {
+        self.settings.load()
+    }
+
+    /// Replaces the settings for what comes next (SIGHUP).
+    pub fn set_settings(&self, settings: ThrottleSettings) {
+        self.settings.store(std::sync::Arc::new(settings));
     }
 
     /// Scopes throttled right now (for the gauge).

@@ -67,7 +67,7 @@ pub struct Packer(Arc<Inner>);
 
 struct Inner {
     groups: Mutex<HashMap<GroupKey, Group>>,
-    settings: PackingSettings,
+    settings: arc_swap::ArcSwap<PackingSettings>,
     upstream: Arc<Upstream>,
     limits: Arc<RateLimits>,
     metrics: Arc<Metrics>,
@@ -97,11 +97,16 @@ impl Packer {
     ) -> Self {
         Self(Arc::new(Inner {
             groups: Mutex::default(),
-            settings,
+            settings: arc_swap::ArcSwap::from_pointee(settings),
             upstream,
             limits,
             metrics,
         }))
+    }
+
+    /// Replaces the settings for GETs dispatched from now on (SIGHUP).
+    pub fn set_settings(&self, settings: PackingSettings) {
+        self.0.settings.store(Arc::new(settings));
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<GroupKey, Group>> {
@@ -121,7 +126,7 @@ impl Packer {
 
     /// Sends `get` upstream now, or queues it for the group's next batch.
     pub async fn dispatch(&self, get: UpstreamGet) -> Result<Answer, UpstreamError> {
-        let settings = &self.0.settings;
+        let settings = self.0.settings.load();
         if !settings.enabled {
             return self.single_get(get).await;
         }
@@ -181,7 +186,7 @@ impl Packer {
             }
             return;
         }
-        let take = group.queue.len().min(self.0.settings.max_items);
+        let take = group.queue.len().min(self.0.settings.load().max_items);
         let items: Vec<Queued> = group.queue.drain(..take).collect();
         group.in_flight += 1;
         self.0.metrics.packing.queued.sub(items.len() as i64);

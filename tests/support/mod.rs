@@ -89,6 +89,9 @@ pub struct Harness {
     pub mock: MockGraph,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The configuration it started with, and a handle to reload another.
+    pub config: Config,
+    pub reloader: graphcache::Reloader,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -117,7 +120,9 @@ impl Harness {
     }
 
     pub async fn start_with_mock(mock: MockGraph, config: Config) -> Self {
+        let started = config.clone();
         let server = Graphcache::bind(config).await.expect("graphcache binds");
+        let reloader = server.reloader();
         let addr = server.local_addr();
         let admin = server.admin_addr();
         let (tx, rx) = oneshot::channel::<()>();
@@ -128,6 +133,8 @@ impl Harness {
             mock,
             addr,
             admin,
+            config: started,
+            reloader,
             shutdown: Some(tx),
             task: Some(task),
             client: Client::builder(TokioExecutor::new()).build_http(),
