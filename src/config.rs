@@ -33,6 +33,8 @@ pub mod default {
     pub const HEADER_READ_TIMEOUT: u64 = 10;
     pub const SHUTDOWN_GRACE: u64 = 25;
     pub const MAX_CONNECTIONS: u64 = 4096;
+    pub const MAX_BUFFERED_BYTES: u64 = 64 << 20;
+    pub const WRITE_SLOT_WAIT: u64 = 5;
     pub const ACCESS_LOG: bool = true;
     pub const LOG_FORMAT: &str = "text";
     pub const LOG_LEVEL: &str = "info";
@@ -120,6 +122,8 @@ pub struct RawConfig {
     header_read_timeout: Option<u64>,
     shutdown_grace: Option<u64>,
     max_connections: Option<u64>,
+    max_buffered_bytes: Option<u64>,
+    write_slot_wait: Option<u64>,
     access_log: Option<bool>,
     log_format: Option<String>,
     log_level: Option<String>,
@@ -177,6 +181,11 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
+    /// Request body bytes buffered at once, over all requests (GET bodies,
+    /// write bodies read for their ids); past it a 503.
+    pub max_buffered_bytes: usize,
+    /// How long a write waits for a free task slot before a 503.
+    pub write_slot_wait: Duration,
     pub access_log: bool,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -569,6 +578,19 @@ impl RawConfig {
                 default::HEADER_READ_TIMEOUT,
             )?),
             shutdown_grace: secs(self.shutdown_grace, default::SHUTDOWN_GRACE),
+            max_buffered_bytes: usize_of(
+                "max_buffered_bytes",
+                positive(
+                    "max_buffered_bytes",
+                    self.max_buffered_bytes,
+                    default::MAX_BUFFERED_BYTES,
+                )?,
+            )?,
+            write_slot_wait: Duration::from_secs(positive(
+                "write_slot_wait",
+                self.write_slot_wait,
+                default::WRITE_SLOT_WAIT,
+            )?),
             max_connections: usize_of(
                 "max_connections",
                 positive(
@@ -633,6 +655,7 @@ impl Config {
             cache_max_bytes => "cache_max_bytes",
             max_body_bytes => "max_body_bytes",
             max_connections => "max_connections",
+            max_buffered_bytes => "max_buffered_bytes",
             shutdown_grace => "shutdown_grace",
             log_format => "log_format",
         );
@@ -654,6 +677,7 @@ impl Config {
             ("upstream_timeout", self.upstream_timeout, MAX_TIMEOUT),
             ("header_read_timeout", self.header_read_timeout, MAX_TIMEOUT),
             ("shutdown_grace", self.shutdown_grace, MAX_TIMEOUT),
+            ("write_slot_wait", self.write_slot_wait, MAX_TIMEOUT),
             ("coalesce_wait", self.coalesce.wait, MAX_TIMEOUT),
             ("throttle_backoff", self.throttle.backoff, MAX_TIMEOUT),
             ("batch_window_ms", self.packing.window, MAX_TIMEOUT),
@@ -775,7 +799,7 @@ mod tests {
     fn the_shipped_config_file_is_valid_and_documents_every_key() {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/graphcache.toml");
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(keys().len(), 33);
+        assert_eq!(keys().len(), 35);
         assert!(keys().contains(&"route") && keys().contains(&"upstream_ca_file"));
         for key in keys() {
             assert!(

@@ -37,6 +37,8 @@ pub enum ProxyError {
     ClientBodyStream(#[source] Arc<hyper_util::client::legacy::Error>),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error("graphcache is overloaded ({0}); retry shortly")]
+    Overloaded(&'static str),
     #[error("the shared upstream call for this request did not finish within {0:?}")]
     CoalesceTimeout(std::time::Duration),
     #[error("the shared upstream call for this request failed")]
@@ -71,6 +73,7 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             Self::CoalesceTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -104,6 +107,7 @@ impl ProxyError {
             Self::Upstream(e) => e.kind(),
             Self::UpstreamEncoding => "upstream_encoding",
             Self::CoalesceTimeout(_) => "coalesce_timeout",
+            Self::Overloaded(_) => "overloaded",
             Self::FlightLost => "flight_lost",
             Self::BadBatch(_) => "bad_batch",
             Self::Throttled { .. } => "throttled",
@@ -151,6 +155,9 @@ impl ProxyError {
                 http::header::ALLOW,
                 HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
             );
+        }
+        if let Self::Overloaded(_) = self {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let Self::Throttled { remaining, .. } = self {
             headers.insert(

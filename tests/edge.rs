@@ -506,3 +506,80 @@ async fn a_reload_applies_to_new_requests_and_keeps_what_needs_a_restart() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_bodies_have_a_global_budget() {
+    let h = std::sync::Arc::new(Harness::with(|c| c.max_buffered_bytes = 1000).await);
+    h.mock.hold("/v26.0/act_5");
+    let body = format!("name={}", "x".repeat(595));
+    let first = {
+        let (h, body) = (h.clone(), body.clone());
+        tokio::spawn(async move {
+            h.send(
+                Method::POST,
+                "/v26.0/act_5/ads?access_token=EAAx",
+                &[("content-type", "application/x-www-form-urlencoded")],
+                &body,
+            )
+            .await
+        })
+    };
+    h.mock.wait_for_requests(1).await;
+    // The first body is still held (its write is upstream): no room for a second.
+    let second = h
+        .send(
+            Method::POST,
+            "/v26.0/act_6/ads?access_token=EAAx",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            &body,
+        )
+        .await;
+    assert_eq!(second.status, 503);
+    assert_eq!(second.header("retry-after"), Some("1"));
+    assert_eq!(second.header("x-graphcache-error"), Some("overloaded"));
+    h.mock.release();
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(h.mock.writes(), 1);
+    // With the budget free again, the same write goes through.
+    let third = h
+        .send(
+            Method::POST,
+            "/v26.0/act_6/ads?access_token=EAAx",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            &body,
+        )
+        .await;
+    assert_eq!(third.status, 200);
+    assert_eq!(h.mock.writes(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_a_bounded_time_for_a_task_slot() {
+    let h = Harness::with(|c| {
+        c.max_connections = 1;
+        c.write_slot_wait = Duration::from_secs(1);
+    })
+    .await;
+    h.mock.hold("/v26.0/act_7");
+    // HTTP/2: two writes on the one connection max_connections allows.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let post = |path: &str| {
+        Request::post(format!("http://{}{path}", h.addr))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from_static(b"name=x")))
+            .unwrap()
+    };
+    let first = tokio::spawn(client.request(post("/v26.0/act_7/ads?access_token=EAAx")));
+    h.mock.wait_for_requests(1).await;
+    let second = client
+        .request(post("/v26.0/act_8/ads?access_token=EAAx"))
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 503);
+    assert_eq!(second.headers()["retry-after"], "1");
+    h.mock.release();
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(h.mock.writes(), 1);
+}

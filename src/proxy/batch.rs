@@ -58,14 +58,15 @@ impl Proxy {
             return self.serve_batch(request, timer).await;
         }
         let proxy = self.clone();
+        let wait = self.config.load().write_slot_wait;
         let task = self
             .detached
-            .spawn(async move {
+            .spawn(wait, async move {
                 let timer = UpstreamTimer::default();
                 let result = proxy.serve_batch(request, &timer).await;
                 (result, timer.micros())
             })
-            .await;
+            .await?;
         let (result, upstream_us) = task.await.map_err(|_| ProxyError::FlightLost)?;
         if let Some(us) = upstream_us {
             timer.add(Duration::from_micros(us));
@@ -83,6 +84,7 @@ impl Proxy {
             mut batch,
             credentials,
             method_override,
+            budget: _budget,
         } = *request;
         let outer_path = head.uri.path();
         let alone = standalone(&batch, outer_path);

@@ -43,7 +43,12 @@ pub(crate) struct Request<'a> {
     pub caller: Option<TokenIdentity>,
     pub user_agent: &'a [u8],
     pub control: ClientCacheControl,
+    /// The share of the buffered-body budget a GET body read holds.
+    pub _budget: Option<Budget>,
 }
+
+/// A share of `max_buffered_bytes`, held while a buffered body lives.
+pub(crate) type Budget = tokio::sync::OwnedSemaphorePermit;
 
 /// What the stages below do with a request.
 pub(crate) enum Kind {
@@ -56,6 +61,7 @@ pub(crate) enum Kind {
     Write {
         body: UpstreamBody,
         scope: Option<WriteScope>,
+        budget: Option<Budget>,
     },
     /// A client batch, answered item by item.
     Batch(Box<BatchRequest>),
@@ -69,6 +75,8 @@ pub(crate) struct BatchRequest {
     pub credentials: Result<BatchCredentials, crate::cache::identity::Ambiguous>,
     /// Sent as `GET ...?method=post&batch=...`: `method` is not forwarded.
     pub method_override: bool,
+    /// The share of the buffered-body budget its body held.
+    pub budget: Option<Budget>,
 }
 
 /// What a GET's body turned out to be.
@@ -101,7 +109,11 @@ impl Proxy {
             .is_some_and(|m| m.eq_ignore_ascii_case("post"))
             && query.count("method") == 1;
         let mut body_params: Vec<(String, String)> = Vec::new();
+        let mut budget = None;
         let kind = if reads && !query.overrides_to_write() {
+            if !body.is_end_stream() {
+                budget = Some(self.reserve(headers, MAX_GET_BODY)?);
+            }
             match read_get_body(body, config.header_read_timeout).await? {
                 GetBody::Some(bytes) => Kind::Bypass(Some(bytes)),
                 GetBody::Nothing => {
@@ -126,11 +138,19 @@ impl Proxy {
             let upstream_body = if body.is_end_stream() {
                 if may_batch {
                     if let Some(batch) = crate::client_batch::parse(&query, None, b"")? {
-                        return Ok(self.batch_request(parts, query, batch, override_post && reads));
+                        return Ok(self.batch_request(
+                            parts,
+                            query,
+                            batch,
+                            override_post && reads,
+                            None,
+                        ));
                     }
                 }
                 empty_body()
             } else if is_write && sniffable_write_body(headers) {
+                let cap = MAX_PARSED_WRITE_BODY.min(max_body);
+                budget = Some(self.reserve(headers, cap)?);
                 // A client trickling its body must not hold the request forever.
                 let read = collect_up_to(body, MAX_PARSED_WRITE_BODY.min(max_body));
                 match tokio::time::timeout(self.upstream.timeout, read)
@@ -150,6 +170,7 @@ impl Proxy {
                                         query,
                                         batch,
                                         override_post && reads,
+                                        budget,
                                     ));
                                 }
                                 sniffed_batch = true;
@@ -196,6 +217,7 @@ impl Proxy {
             Kind::Write {
                 body: upstream_body,
                 scope,
+                budget: budget.take(),
             }
         };
         let body_value = |name: &'static str| {
@@ -234,6 +256,7 @@ impl Proxy {
                 caller,
                 user_agent,
                 control,
+                _budget: budget,
             },
             kind,
         ))
@@ -283,12 +306,25 @@ impl Proxy {
         Ok(())
     }
 
+    /// Takes a share of the buffered-body budget for a body read up to
+    /// `cap` bytes (its `Content-Length` when smaller), or refuses the
+    /// request: nothing is read or forwarded.
+    fn reserve(&self, headers: &HeaderMap, cap: usize) -> Result<Budget, ProxyError> {
+        let want = content_length(headers).map_or(cap as u64, |n| n.min(cap as u64));
+        let want = u32::try_from(want.max(1)).unwrap_or(u32::MAX);
+        self.body_budget
+            .clone()
+            .try_acquire_many_owned(want)
+            .map_err(|_| ProxyError::Overloaded("the buffered request body budget is spent"))
+    }
+
     fn batch_request<'a>(
         &self,
         parts: &'a Parts,
         query: QueryParams<'a>,
         batch: ClientBatch,
         method_override: bool,
+        budget: Option<Budget>,
     ) -> (Request<'a>, Kind) {
         let authorization = authorization_credential(&parts.headers);
         let credentials = BatchCredentials::of(&query, &batch.top_level, authorization.as_deref());
@@ -307,12 +343,14 @@ impl Proxy {
                 .get(header::USER_AGENT)
                 .map_or(&b""[..], HeaderValue::as_bytes),
             control: client_cache_control(&parts.headers),
+            _budget: None,
         };
         let kind = Kind::Batch(Box::new(BatchRequest {
             head,
             batch,
             credentials,
             method_override,
+            budget,
         }));
         (request, kind)
     }

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use crate::error::ProxyError;
+
 /// The tracker and its slots.
 pub(crate) struct Detached {
     tracker: tokio_util::task::TaskTracker,
@@ -17,23 +19,25 @@ impl Detached {
         }
     }
 
-    /// Spawns `task` once a slot is free (waiting for one if need be).
-    pub(crate) async fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    /// Spawns `task` once a slot is free, waiting at most `wait` for one.
+    pub(crate) async fn spawn<F>(
+        &self,
+        wait: std::time::Duration,
+        task: F,
+    ) -> Result<tokio::task::JoinHandle<F::Output>, ProxyError>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let slot = self
-            .slots
-            .clone()
-            .acquire_owned()
+        let slot = tokio::time::timeout(wait, self.slots.clone().acquire_owned())
             .await
+            .map_err(|_| ProxyError::Overloaded("every write task slot is busy"))?
             .expect("the semaphore is never closed");
-        self.tracker.spawn(async move {
+        Ok(self.tracker.spawn(async move {
             let output = task.await;
             drop(slot);
             output
-        })
+        }))
     }
 
     /// Stops taking tasks and waits for those running.

@@ -64,6 +64,8 @@ pub struct Proxy {
     pub(crate) tokens: TokenHasher,
     /// Rewrites paging links back to graphcache (`rewrite_paging_links`).
     pub(crate) paging: PagingRewriter,
+    /// Request body bytes buffered at once, over all requests.
+    pub(crate) body_budget: Arc<tokio::sync::Semaphore>,
     /// Writes and client batches detached from their client's connection:
     /// shutdown waits for them, and their number is bounded.
     pub(crate) detached: detached::Detached,
@@ -86,6 +88,7 @@ impl Proxy {
         );
         Self {
             detached: detached::Detached::new(config.max_connections),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(config.max_buffered_bytes)),
             paging: PagingRewriter::new(&config.upstream),
             flights: Flights::default(),
             tokens: TokenHasher::random(),
@@ -160,7 +163,11 @@ impl Proxy {
         match kind {
             Kind::Read(policy) => self.read(&request, policy, timer).await,
             Kind::Bypass(body) => self.bypass(parts, body, request.caller, timer).await,
-            Kind::Write { body, scope } => self.write(&request, body, scope, timer).await,
+            Kind::Write {
+                body,
+                scope,
+                budget,
+            } => self.write(&request, body, scope, budget, timer).await,
             Kind::Batch(batch) => self.batch(batch, timer).await,
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::client_batch::plan::WriteScope;
 use crate::error::ProxyError;
 use crate::metrics::Outcome;
-use crate::proxy::classify::Request;
+use crate::proxy::classify::{Budget, Request};
 use crate::proxy::respond::{check_encoding, relay, CacheStatus, Fwd, Handled};
 use crate::proxy::Proxy;
 use crate::ratelimit::Subject;
@@ -22,6 +22,7 @@ impl Proxy {
         request: &Request<'_>,
         body: UpstreamBody,
         scope: Option<WriteScope>,
+        budget: Option<Budget>,
         timer: &UpstreamTimer,
     ) -> Result<Handled, ProxyError> {
         let parts = request.parts;
@@ -41,9 +42,11 @@ impl Proxy {
         // that disconnects mid-write cannot leave stale entries behind.
         let subject = Subject::of_request(parts.uri.path(), request.caller);
         let proxy = self.clone();
+        let wait = self.config.load().write_slot_wait;
         let exchange = self
             .detached
-            .spawn(async move {
+            .spawn(wait, async move {
+                let _budget = budget;
                 let timer = UpstreamTimer::default();
                 let result = match proxy.upstream.send(upstream, &proxy.metrics, &timer).await {
                     Ok(response) => proxy.observe_relayed(response, &subject).await,
@@ -57,7 +60,7 @@ impl Proxy {
                 }
                 (result, timer.micros())
             })
-            .await;
+            .await?;
         let (result, upstream_us) = exchange.await.map_err(|_| ProxyError::FlightLost)?;
         if let Some(us) = upstream_us {
             timer.add(Duration::from_micros(us));
