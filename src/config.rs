@@ -961,4 +961,25 @@ mod tests {
         .to_string();
         assert!(err.contains("ttl"), "{err}");
     }
+
+    proptest::proptest! {
+        /// Whatever the environment holds, loading answers Ok or an error
+        /// naming the variable; it never panics.
+        #[test]
+        fn any_environment_loads_or_names_the_variable(
+            key in "[A-Z_]{1,24}", value in ".{0,40}",
+        ) {
+            let name = format!("GRAPHCACHE_{key}");
+            if name == "GRAPHCACHE_CONFIG" {
+                return Ok(());
+            }
+            match load(Cli::default(), &[(name.as_str(), value.as_str())]) {
+                Ok(config) => {
+                    let known = keys().contains(&key.to_ascii_lowercase().as_str());
+                    proptest::prop_assert_eq!(config.ignored_env.is_empty(), known);
+                }
+                Err(error) => proptest::prop_assert!(error.to_string().contains(&name), "{}", error),
+            }
+        }
+    }
 }

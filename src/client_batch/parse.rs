@@ -365,4 +365,45 @@ mod tests {
             .finish();
         assert_eq!(parse_form(&body).unwrap_err(), BatchInputError::TooMany);
     }
+
+    proptest::proptest! {
+        /// Any body in any encoding: a batch, no batch, or an error; never a
+        /// panic.
+        #[test]
+        fn the_parser_never_panics(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+            json in proptest::bool::ANY,
+            query in "[a-z_=&%0-9\\[\\]{}\"]{0,40}",
+        ) {
+            let ct = HeaderValue::from_static("application/json");
+            let _ = parse(&QueryParams::parse(Some(&query)), json.then_some(&ct), &body);
+        }
+
+        /// Items encoded the documented ways come back as sent, in order.
+        #[test]
+        fn items_round_trip_through_form_json_and_query(
+            urls in proptest::collection::vec("[a-z0-9_/?=&,.]{1,24}", 1..50),
+        ) {
+            let items: Vec<serde_json::Value> = urls
+                .iter()
+                .map(|u| serde_json::json!({"method": "GET", "relative_url": u}))
+                .collect();
+            let text = serde_json::Value::Array(items.clone()).to_string();
+            let form = form_urlencoded::Serializer::new(String::new())
+                .append_pair("batch", &text)
+                .finish();
+            let json = serde_json::json!({"batch": items}).to_string();
+            let query = format!("batch={}", form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>());
+            let ct = HeaderValue::from_static("application/json");
+            for parsed in [
+                parse(&QueryParams::parse(None), None, form.as_bytes()),
+                parse(&QueryParams::parse(None), Some(&ct), json.as_bytes()),
+                parse(&QueryParams::parse(Some(&query)), None, b""),
+            ] {
+                let parsed = parsed.unwrap().unwrap();
+                let got: Vec<&str> = parsed.items.iter().map(|i| i.relative_url.as_str()).collect();
+                proptest::prop_assert_eq!(got, urls.iter().map(String::as_str).collect::<Vec<_>>());
+            }
+        }
+    }
 }

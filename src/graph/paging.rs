@@ -156,4 +156,25 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("user@evil.com"));
         assert!(PagingRewriter::client_origin(&h, &uri).is_none());
     }
+
+    proptest::proptest! {
+        /// Any body: no panic; rewriting twice is rewriting once; a body
+        /// without a link comes back as the same bytes.
+        #[test]
+        fn rewriting_is_idempotent_and_leaves_other_bodies_alone(
+            prefix in ".{0,40}", rest in ".{0,40}", escaped in proptest::bool::ANY,
+        ) {
+            let r = PagingRewriter::new(&"https://graph.facebook.com".parse().unwrap());
+            let client: Authority = "127.0.0.1:8080".parse().unwrap();
+            let link = if escaped { "https:\\/\\/graph.facebook.com\\/v26.0\\/x" } else { "https://graph.facebook.com/v26.0/x" };
+            let body = Bytes::from(format!("{prefix}{{\"next\":\"{link}?after=1\"}}{rest}"));
+            let once = r.rewrite(&body, &client);
+            proptest::prop_assert_eq!(&r.rewrite(&once, &client), &once);
+            proptest::prop_assert!(!r.has_links(&once));
+            let plain = Bytes::from(format!("{prefix}{rest}"));
+            if !r.has_links(&plain) {
+                proptest::prop_assert_eq!(r.rewrite(&plain, &client), plain);
+            }
+        }
+    }
 }

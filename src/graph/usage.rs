@@ -244,4 +244,25 @@ mod tests {
         assert_eq!(throttle_error(br#"{"id":"1"}"#), None);
         assert_eq!(throttle_error(b"garbage"), None);
     }
+
+    proptest::proptest! {
+        /// Usage headers are JSON in a header value, from a server we do
+        /// not control: any bytes parse or fail, never panic.
+        #[test]
+        fn usage_parsers_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = parse_app(&bytes);
+            let _ = parse_ad_account(&bytes);
+            let _ = parse_business(&bytes);
+            let _ = parse_insights(&bytes);
+            let _ = throttle_error(&bytes);
+        }
+
+        #[test]
+        fn numbers_of_any_size_parse_without_panic(n in proptest::num::f64::ANY, code in proptest::num::i64::ANY) {
+            let app = format!(r#"{{"call_count":{n},"total_time":1,"total_cputime":1}}"#);
+            let _ = parse_app(app.as_bytes());
+            let error = format!(r#"{{"error":{{"code":{code},"error_subcode":{code}}}}}"#);
+            let _ = throttle_error(error.as_bytes());
+        }
+    }
 }
