@@ -230,6 +230,7 @@ async fn a_batch_sent_as_a_get_with_method_post_invalidates_its_writes() {
 async fn a_batch_in_the_query_beside_another_body_drops_everything() {
     let h = Harness::with(fresh(300)).await;
     let before = cached_version(&h, "559").await;
+    let unrelated = cached_version(&h, "779").await;
     let items = json!([{"method": "POST", "relative_url": "559", "body": "name=x"}]);
     let query = form_urlencoded::Serializer::new(String::new())
         .append_pair("access_token", "EAAtokenA")
@@ -238,7 +239,9 @@ async fn a_batch_in_the_query_beside_another_body_drops_everything() {
     let reply = h
         .send(
             Method::POST,
-            &format!("/v26.0/?{query}"),
+            // On a node: graphcache cannot see the batch's items in the
+            // query beside this body, so the node alone would not do.
+            &format!("/v26.0/act_9?{query}"),
             &[("content-type", "text/plain")],
             "not a form",
         )
@@ -246,6 +249,9 @@ async fn a_batch_in_the_query_beside_another_body_drops_everything() {
     assert_eq!(reply.status, 200);
     assert_eq!(h.mock.batches(), 1);
     assert_refetched_changed(&h, "559", &before).await;
+    let other = h.get("/v26.0/779?access_token=EAAtokenA").await;
+    assert!(other.is_miss(), "{}", other.cache_status());
+    assert_eq!(other.json()["version"], unrelated);
 }
 
 #[tokio::test]
@@ -541,4 +547,28 @@ async fn a_304_replaces_the_stored_headers_except_usage() {
     assert_eq!(hit.header("x-app-usage"), None);
     assert_eq!(hit.header("etag"), first.header("etag"));
     assert_eq!((h.mock.requests(), h.mock.not_modified()), (2, 1));
+}
+
+#[tokio::test]
+async fn a_user_limit_on_a_batch_write_throttles_that_user_only() {
+    let h = Harness::with(|c| c.throttle.answer_locally = true).await;
+    // Graph answers the batch's write item with a user-level limit (code 17,
+    // no business header): it speaks about the batch's caller, A.
+    h.mock.throttle(17, &[]);
+    let items = json!([{"method": "POST", "relative_url": "act_3/ads", "body": "name=x"}]);
+    let reply = h
+        .send(
+            Method::POST,
+            "/v26.0/?access_token=EAAtokenA",
+            &[FORM],
+            &batch_form(&items, &[]),
+        )
+        .await;
+    assert_eq!(entries(&reply)[0]["code"], 400);
+    h.mock.stop_throttling();
+    // A is answered locally; B, reading the same account, is not refused.
+    let a = h.get("/v26.0/act_3/campaigns?access_token=EAAtokenA").await;
+    assert_eq!(a.header("x-graphcache-error"), Some("throttled"));
+    let b = h.get("/v26.0/act_3/campaigns?access_token=EAAtokenB").await;
+    assert_eq!(b.status, 200, "{}", b.text());
 }

@@ -93,6 +93,8 @@ impl CachedResponse {
         let mut fresh = updated.clone();
         strip_hop_by_hop(&mut fresh);
         strip_per_call(&mut fresh);
+        // Never stored from a 200 either.
+        fresh.remove(header::SET_COOKIE);
         for name in [
             header::CONTENT_LENGTH,
             header::CONTENT_ENCODING,
@@ -281,7 +283,9 @@ mod tests {
             ("connection", "close"),
             ("set-x", "a"),
             ("set-x", "b"),
+            ("set-cookie", "datr=1"),
         ]));
+        assert!(!updated.headers.contains_key("set-cookie"));
         assert_eq!(updated.headers["date"], "new");
         assert_eq!(updated.headers["x-kept"], "1");
         assert!(!updated.headers.contains_key("x-app-usage"));

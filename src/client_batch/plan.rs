@@ -143,19 +143,42 @@ pub fn item_identity(
     let proofs = item.url_values("appsecret_proof");
     let token = single_value([tokens.iter().map(String::as_str)]).ok()?;
     let proof = single_value([proofs.iter().map(String::as_str)]).ok()?;
+    // The batch's proof goes upstream with the batch's token: an item that
+    // reads with that token (its own copy of it, or none) carries it too.
     let credentials = match token {
-        Some(token) => Credentials {
+        Some(token) if batch.token.as_deref() != Some(token) => Credentials {
             token: Some(token),
             proof,
             authorization: batch.authorization.as_deref().map(Into::into),
         },
-        None => Credentials {
+        _ => Credentials {
             token: batch.token.as_deref(),
             proof: single_value([batch.proof.as_deref().into_iter(), proof.into_iter()]).ok()?,
             authorization: batch.authorization.as_deref().map(Into::into),
         },
     };
     Some(hasher.identify(&credentials))
+}
+
+/// Whom an item's answer speaks about, for the usage and throttle state:
+/// its cache identity when it has one, else the batch's caller. Unlike the
+/// cache identity, a write's body does not blur it.
+pub fn item_caller(
+    item: &Item,
+    batch: &Result<BatchCredentials, Ambiguous>,
+    hasher: &TokenHasher,
+) -> Option<TokenIdentity> {
+    let bare = Item {
+        body: None,
+        headers: Vec::new(),
+        raw: Default::default(),
+        method: item.method.clone(),
+        relative_url: item.relative_url.clone(),
+        name: None,
+        depends_on: None,
+        has_files: false,
+    };
+    item_identity(&bare, batch, hasher).or_else(|| batch.as_ref().ok().map(|b| b.identity(hasher)))
 }
 
 /// What a write changed, as far as graphcache can tell.
@@ -479,6 +502,13 @@ mod tests {
         for ambiguous in 2..=6 {
             assert_eq!(id(ambiguous), None, "item {ambiguous}");
         }
+        // An item repeating the batch's token reads under the batch's proof.
+        let repeat = batch_of(r#"[{"method":"GET","relative_url":"me?access_token=A"}]"#);
+        assert_eq!(item_identity(&repeat.items[0], &a, &hasher), Some(plain_a));
+        // The caller charged for an item's usage survives a write's body.
+        let write = batch_of(r#"[{"method":"POST","relative_url":"act_1/ads","body":"name=x"}]"#);
+        assert_eq!(item_identity(&write.items[0], &a, &hasher), None);
+        assert_eq!(item_caller(&write.items[0], &a, &hasher), Some(plain_a));
         // Two top-level tokens: nothing of the batch is identified.
         let two = BatchCredentials::of(
             &QueryParams::parse(Some("access_token=A")),

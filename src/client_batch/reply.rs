@@ -87,11 +87,18 @@ pub fn conditional_entry(
 /// Rewrites the `body` strings of reply entries with `rewrite` (paging
 /// links); an entry whose body changed gets a weak ETag, as a single
 /// response would.
-pub fn rewrite_bodies(entries: &mut [Value], rewrite: impl Fn(&Bytes) -> Bytes) {
+pub fn rewrite_bodies(
+    entries: &mut [Value],
+    has_links: impl Fn(&[u8]) -> bool,
+    rewrite: impl Fn(&Bytes) -> Bytes,
+) {
     for entry in entries.iter_mut().filter_map(Value::as_object_mut) {
         let Some(Value::String(body)) = entry.get("body") else {
             continue;
         };
+        if !has_links(body.as_bytes()) {
+            continue;
+        }
         let original = Bytes::from(body.clone());
         let rewritten = rewrite(&original);
         if rewritten == original {
@@ -176,13 +183,17 @@ mod tests {
             reply_entry(200, &headers, Some(&Bytes::from_static(b"same")), true),
             Value::Null,
         ];
-        rewrite_bodies(&mut entries, |b| {
-            if &b[..] == b"old" {
-                Bytes::from_static(b"new")
-            } else {
-                b.clone()
-            }
-        });
+        rewrite_bodies(
+            &mut entries,
+            |b| b == b"old",
+            |b| {
+                if &b[..] == b"old" {
+                    Bytes::from_static(b"new")
+                } else {
+                    b.clone()
+                }
+            },
+        );
         assert_eq!(entries[0]["body"], "new");
         assert_eq!(entries[0]["headers"][0]["value"], "W/\"e\"");
         assert_eq!(entries[1]["headers"][0]["value"], "\"e\"");

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use crate::cache::key::cache_key;
 use crate::cache::Store;
 use crate::client_batch::plan::{
-    item_identity, set_validator, standalone, write_scope, WriteScope,
+    item_caller, item_identity, set_validator, standalone, write_scope, WriteScope,
 };
 use crate::client_batch::reply::{batch_reply, conditional_entry, reply_entry, rewrite_bodies};
 use crate::client_batch::{ClientBatch, Item};
@@ -67,7 +67,14 @@ impl Proxy {
                 (result, timer.micros())
             })
             .await?;
-        let (result, upstream_us) = task.await.map_err(|_| ProxyError::FlightLost)?;
+        let (result, upstream_us) = match task.await {
+            Ok(done) => done,
+            Err(_) => {
+                // The task died (a panic) after its writes may have gone out.
+                self.invalidate(&WriteScope::Everything).await;
+                return Err(ProxyError::FlightLost);
+            }
+        };
         if let Some(us) = upstream_us {
             timer.add(Duration::from_micros(us));
         }
@@ -102,7 +109,8 @@ impl Proxy {
             let (path, query) = item.single_target(outer_path);
             let query = QueryParams::parse(query.as_deref());
             let identity = item_identity(item, &credentials, &self.tokens);
-            subjects.push(Subject::of_request(&path, identity));
+            let caller = item_caller(item, &credentials, &self.tokens);
+            subjects.push(Subject::of_request(&path, caller));
             if item.is_write() {
                 plans.push(Plan::Write);
                 continue;
@@ -450,6 +458,10 @@ impl Proxy {
         else {
             return;
         };
-        rewrite_bodies(entries, |body| rewriter.rewrite(body, &origin));
+        rewrite_bodies(
+            entries,
+            |body| rewriter.has_links(body),
+            |body| rewriter.rewrite(body, &origin),
+        );
     }
 }

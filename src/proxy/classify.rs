@@ -52,8 +52,11 @@ pub(crate) type Budget = tokio::sync::OwnedSemaphorePermit;
 
 /// What the stages below do with a request.
 pub(crate) enum Kind {
-    /// A cacheable GET or HEAD under this route policy.
-    Read(CachePolicy),
+    /// A cacheable GET or HEAD under this route policy, for this caller.
+    Read {
+        policy: CachePolicy,
+        identity: TokenIdentity,
+    },
     /// A GET or HEAD that must not touch the cache, with its real body.
     Bypass(Option<Bytes>),
     /// A write, relayed exactly once; on anything but a 4xx, `scope` is
@@ -108,6 +111,32 @@ impl Proxy {
             .get("method")
             .is_some_and(|m| m.eq_ignore_ascii_case("post"))
             && query.count("method") == 1;
+        // The caller, from the query, a parsed body and `Authorization`: one
+        // token and one proof at most, or no identity at all.
+        let identify = |body: &[(String, String)]| {
+            let body_value = |name: &'static str| {
+                body.iter()
+                    .filter(move |(k, _)| k == name)
+                    .map(|(_, v)| v.as_str())
+            };
+            let query_value = |name: &'static str| {
+                query
+                    .iter()
+                    .filter(move |(k, _)| *k == name)
+                    .map(|(_, v)| v)
+            };
+            let token = agreed(query_value("access_token"), body_value("access_token")).ok()?;
+            let proof = agreed(
+                query_value("appsecret_proof"),
+                body_value("appsecret_proof"),
+            )
+            .ok()?;
+            Some(self.tokens.identify(&Credentials {
+                token,
+                proof,
+                authorization: authorization.clone(),
+            }))
+        };
         let mut body_params: Vec<(String, String)> = Vec::new();
         let mut budget = None;
         let kind = if reads && !query.overrides_to_write() {
@@ -121,7 +150,12 @@ impl Proxy {
                     if control.no_store || !policy.cache || query.contains("callback") {
                         Kind::Bypass(None)
                     } else {
-                        Kind::Read(policy)
+                        // A caller with ambiguous credentials never touches
+                        // the cache.
+                        match identify(&[]) {
+                            Some(identity) => Kind::Read { policy, identity },
+                            None => Kind::Bypass(None),
+                        }
                     }
                 }
             }
@@ -220,34 +254,9 @@ impl Proxy {
                 budget: budget.take(),
             }
         };
-        let body_value = |name: &'static str| {
-            body_params
-                .iter()
-                .filter(move |(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
-        let query_value = |name: &'static str| {
-            query
-                .iter()
-                .filter(move |(k, _)| *k == name)
-                .map(|(_, v)| v)
-        };
-        let caller = (|| {
-            let token = agreed(query_value("access_token"), body_value("access_token")).ok()?;
-            let proof = agreed(
-                query_value("appsecret_proof"),
-                body_value("appsecret_proof"),
-            )
-            .ok()?;
-            Some(self.tokens.identify(&Credentials {
-                token,
-                proof,
-                authorization: authorization.clone(),
-            }))
-        })();
-        let kind = match kind {
-            Kind::Read(_) if caller.is_none() => Kind::Bypass(None),
-            kind => kind,
+        let caller = match &kind {
+            Kind::Read { identity, .. } => Some(*identity),
+            _ => identify(&body_params),
         };
         Ok((
             Request {

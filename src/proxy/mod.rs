@@ -161,7 +161,7 @@ impl Proxy {
     ) -> Result<Handled, ProxyError> {
         let (request, kind) = self.classify(parts, body).await?;
         match kind {
-            Kind::Read(policy) => self.read(&request, policy, timer).await,
+            Kind::Read { policy, identity } => self.read(&request, policy, identity, timer).await,
             Kind::Bypass(body) => self.bypass(parts, body, request.caller, timer).await,
             Kind::Write {
                 body,

@@ -87,12 +87,10 @@ impl Proxy {
         self: &Arc<Self>,
         request: &Request<'_>,
         policy: CachePolicy,
+        identity: TokenIdentity,
         timer: &UpstreamTimer,
     ) -> Result<Handled, ProxyError> {
         let parts = request.parts;
-        let identity = request
-            .caller
-            .expect("classify sends only identified reads here");
         let path = parts.uri.path();
         let read = ReadKey {
             key: cache_key(path, &request.query, request.user_agent, &identity),
@@ -165,6 +163,7 @@ impl Proxy {
                 version: batch::api_version(path).map(Into::into),
                 identity,
                 user_agent: headers.get(header::USER_AGENT).cloned(),
+                origin: headers.get(header::ORIGIN).cloned(),
             },
             relative_url: batch::relative_url(path, parts.uri.query()),
             access_token: request.query.get("access_token").map(str::to_owned),

@@ -313,7 +313,7 @@ pub(crate) fn rewrite_paging(
     let ResponseBody::Full(Some(body)) = response.body() else {
         return response;
     };
-    if !rewriter.has_links(body) || !crate::graph::paging::is_json(response.headers()) {
+    if !crate::graph::paging::is_json(response.headers()) || !rewriter.has_links(body) {
         return response;
     }
     let Some(origin) =

@@ -97,6 +97,17 @@ impl Proxy {
                 let mut refreshed = entry.revalidated(&answer.headers);
                 // The route's policy now, which a reload may have changed.
                 refreshed.policy = cacheable.policy;
+                if answer.headers.contains_key(header::VARY) {
+                    // A 304 that changes `Vary` changes whom the entry serves.
+                    match VaryCheck::of(&refreshed.headers, &cacheable.vary_basis) {
+                        VaryCheck::Any => refreshed.vary = None,
+                        VaryCheck::Values(values) => refreshed.vary = Some(values),
+                        VaryCheck::Nobody => {
+                            self.store.remove(&cacheable.key).await;
+                            return Settled::Revalidated(Arc::new(refreshed));
+                        }
+                    }
+                }
                 let shared = Arc::new(refreshed.clone());
                 self.store
                     .put(cacheable.key, refreshed, cacheable.ticket)

@@ -41,6 +41,7 @@ impl Proxy {
         // The exchange and its invalidation run in their own task: a client
         // that disconnects mid-write cannot leave stale entries behind.
         let subject = Subject::of_request(parts.uri.path(), request.caller);
+        let writes = scope.is_some();
         let proxy = self.clone();
         let wait = self.config.load().write_slot_wait;
         let exchange = self
@@ -61,7 +62,16 @@ impl Proxy {
                 (result, timer.micros())
             })
             .await?;
-        let (result, upstream_us) = exchange.await.map_err(|_| ProxyError::FlightLost)?;
+        let (result, upstream_us) = match exchange.await {
+            Ok(done) => done,
+            Err(_) => {
+                // The task died (a panic) after the write may have gone out.
+                if writes {
+                    self.invalidate(&WriteScope::Everything).await;
+                }
+                return Err(ProxyError::FlightLost);
+            }
+        };
         if let Some(us) = upstream_us {
             timer.add(Duration::from_micros(us));
         }

@@ -241,6 +241,9 @@ pub fn throttle_of(
         match (code, subject.caller) {
             (4 | 341, _) => blocked.push((Scope::App, wait)),
             (_, Some(caller)) if user_level => blocked.push((Scope::Caller(caller), wait)),
+            // A user's limit, but the user is not known: widening it to the
+            // object or the app would refuse everyone else.
+            (_, None) if user_level => {}
             _ if subject.nodes.is_empty() => blocked.push((Scope::App, wait)),
             _ => blocked.extend(
                 subject

@@ -31,6 +31,8 @@ pub struct GroupKey {
     pub version: Option<Box<str>>,
     pub identity: TokenIdentity,
     pub user_agent: Option<HeaderValue>,
+    /// Graph varies on `Origin`: items of one batch share the one it sends.
+    pub origin: Option<HeaderValue>,
 }
 
 /// A cacheable GET ready to go upstream, alone or as a batch item.
@@ -290,6 +292,9 @@ impl Packer {
         headers.insert(header::CONTENT_TYPE, FORM);
         if let Some(ua) = &first.group.user_agent {
             headers.insert(header::USER_AGENT, ua.clone());
+        }
+        if let Some(origin) = &first.group.origin {
+            headers.insert(header::ORIGIN, origin.clone());
         }
         if let Some(auth) = first.headers.get(header::AUTHORIZATION) {
             headers.insert(header::AUTHORIZATION, auth.clone());
