@@ -79,6 +79,13 @@ impl Body for ResponseBody {
     }
 }
 
+/// An upstream body relayed as it arrives.
+impl From<Incoming> for ResponseBody {
+    fn from(rest: Incoming) -> Self {
+        ResponseBody::Relay { prefix: None, rest }
+    }
+}
+
 /// Outcome of reading a body up to a limit.
 pub enum Collected {
     /// The whole body, within the limit.

@@ -23,6 +23,27 @@ pub use memory::{MemoryStore, ReadTicket};
 
 use crate::graph::routes::ObjectId;
 
+/// What a write changed, as far as graphcache can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteScope {
+    /// These objects (never empty).
+    Objects(Vec<ObjectId>),
+    /// It cannot tell (an unresolved reference, no object named): every
+    /// entry must go.
+    Everything,
+}
+
+impl WriteScope {
+    /// The scope of a write naming `objects`: everything when it names none.
+    pub fn of(objects: Vec<ObjectId>) -> Self {
+        if objects.is_empty() {
+            Self::Everything
+        } else {
+            Self::Objects(objects)
+        }
+    }
+}
+
 /// What the request path needs of a store. A read takes a [`ReadTicket`]
 /// before it goes upstream and stores with it, so a write that lands in
 /// between keeps its pre-write answer out.

@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use serde_json::Value;
 
 use crate::cache::identity::{single_value, Ambiguous, Credentials, TokenHasher, TokenIdentity};
+pub use crate::cache::WriteScope;
 use crate::client_batch::parse::{ClientBatch, Item};
 use crate::graph::query::QueryParams;
 use crate::graph::routes::{names_ids, objects_of, ObjectId};
@@ -179,27 +180,6 @@ pub fn item_caller(
         has_files: false,
     };
     item_identity(&bare, batch, hasher).or_else(|| batch.as_ref().ok().map(|b| b.identity(hasher)))
-}
-
-/// What a write changed, as far as graphcache can tell.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WriteScope {
-    /// These objects (never empty).
-    Objects(Vec<ObjectId>),
-    /// It cannot tell (an unresolved reference, no object named): every
-    /// entry must go.
-    Everything,
-}
-
-impl WriteScope {
-    /// The scope of a write naming `objects`: everything when it names none.
-    pub fn of(objects: Vec<ObjectId>) -> Self {
-        if objects.is_empty() {
-            Self::Everything
-        } else {
-            Self::Objects(objects)
-        }
-    }
 }
 
 /// What write item `index` touched, with `{result=}` references in its URL

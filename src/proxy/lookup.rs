@@ -12,8 +12,7 @@ use crate::error::ProxyError;
 use crate::graph::query::QueryParams;
 use crate::graph::routes::{objects_of, ObjectId};
 use crate::headers::ClientCacheControl;
-use crate::metrics::Outcome;
-use crate::proxy::respond::{CacheStatus, Fwd, HitReason};
+use crate::proxy::respond::{Fwd, HitReason};
 use crate::proxy::Proxy;
 
 /// What the cache does for one read.
@@ -39,21 +38,6 @@ pub(crate) struct ReadKey<'a> {
     /// The request headers an entry's `Vary` is matched against.
     pub headers: &'a HeaderMap,
     pub control: ClientCacheControl,
-}
-
-impl HitReason {
-    /// The metrics outcome of an entry served for this reason.
-    pub(crate) fn outcome(self) -> Outcome {
-        match self {
-            Self::Fresh => Outcome::Hit,
-            Self::Throttled => Outcome::Throttled,
-            Self::QuotaPressure | Self::QuotaTtl => Outcome::Pressure,
-        }
-    }
-
-    pub(crate) fn status(self) -> CacheStatus {
-        CacheStatus::Hit(self)
-    }
 }
 
 impl Proxy {

@@ -5,7 +5,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::body::ResponseBody;
 use crate::cache::CachedResponse;
@@ -17,6 +16,21 @@ use crate::metrics::Outcome;
 use crate::upstream::Answer;
 
 pub(crate) const CACHE_STATUS: &str = "cache-status";
+
+impl HitReason {
+    /// The metrics outcome of an entry served for this reason.
+    pub(crate) fn outcome(self) -> Outcome {
+        match self {
+            Self::Fresh => Outcome::Hit,
+            Self::Throttled => Outcome::Throttled,
+            Self::QuotaPressure | Self::QuotaTtl => Outcome::Pressure,
+        }
+    }
+
+    pub(crate) fn status(self) -> CacheStatus {
+        CacheStatus::Hit(self)
+    }
+}
 
 /// Why a request went upstream: RFC 9211's `fwd` parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,12 +287,6 @@ where
         body.into()
     };
     Handled::new(Response::from_parts(head, body), outcome)
-}
-
-impl From<Incoming> for ResponseBody {
-    fn from(rest: Incoming) -> Self {
-        ResponseBody::Relay { prefix: None, rest }
-    }
 }
 
 /// The reply to a client batch that failed as a whole upstream, as Graph

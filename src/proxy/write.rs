@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::client_batch::plan::WriteScope;
+use crate::cache::WriteScope;
 use crate::error::ProxyError;
 use crate::metrics::Outcome;
 use crate::proxy::classify::{Budget, Request};
