@@ -583,3 +583,23 @@ async fn writes_wait_a_bounded_time_for_a_task_slot() {
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
     assert_eq!(h.mock.writes(), 1);
 }
+
+#[tokio::test]
+async fn reads_naming_too_many_ids_are_relayed_not_stored() {
+    let h = Harness::with(|c| c.routes.default.fresh_ttl = Duration::from_secs(60)).await;
+    // Graph ignores unknown parameters; an id list in one costs graphcache
+    // nothing beyond the cap.
+    let junk: Vec<String> = (0..300).map(|i| (100_000 + i).to_string()).collect();
+    let target = format!("/v26.0/95?x_ids={}&access_token=EAAx", junk.join(","));
+    for _ in 0..2 {
+        let reply = h.get(&target).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.cache().fwd.as_deref(), Some("bypass"));
+    }
+    assert_eq!(h.mock.requests(), 2);
+    // Within the cap, the same kind of read is cached.
+    let few = format!("/v26.0/95?x_ids={}&access_token=EAAx", junk[..50].join(","));
+    h.get(&few).await;
+    assert!(h.get(&few).await.cache().hit);
+    assert_eq!(h.mock.requests(), 3);
+}

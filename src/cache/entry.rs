@@ -11,6 +11,15 @@ use http::{HeaderMap, HeaderValue};
 use crate::graph::routes::{CachePolicy, ObjectId};
 use crate::headers::{strip_hop_by_hop, strip_per_call};
 
+/// Most objects one entry may depend on. A read naming more (an `ids=`
+/// list, or junk `*_ids` parameters Graph ignores) is relayed, not stored:
+/// always correct, and the index never grows with attacker-chosen lists.
+pub const MAX_ENTRY_OBJECTS: usize = 100;
+
+/// Bytes an object costs beyond its id: the list slot, and its record and
+/// key slot in the object index.
+const OBJECT_OVERHEAD: usize = 96;
+
 /// The request header values an entry's `Vary` names, as the request that
 /// filled it had them (None: absent).
 pub type VaryValues = Box<[(HeaderName, Option<HeaderValue>)]>;
@@ -133,13 +142,20 @@ impl CachedResponse {
         }
     }
 
+    /// What the entry costs the cache's bound: body, headers, and its
+    /// objects (the entry's own list and its records in the object index).
     pub(super) fn weight(&self) -> u32 {
         let headers: usize = self
             .headers
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len())
             .sum();
-        u32::try_from(self.body.len() + headers + 256).unwrap_or(u32::MAX)
+        let objects: usize = self
+            .objects
+            .iter()
+            .map(|o| o.as_str().len() + OBJECT_OVERHEAD)
+            .sum();
+        u32::try_from(self.body.len() + headers + objects + 256).unwrap_or(u32::MAX)
     }
 }
 

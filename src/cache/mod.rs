@@ -34,9 +34,11 @@ pub enum WriteScope {
 }
 
 impl WriteScope {
-    /// The scope of a write naming `objects`: everything when it names none.
+    /// The scope of a write naming `objects`: everything when it names none,
+    /// or more than an entry may depend on (one pass over the cache instead
+    /// of work under the index lock proportional to a client's list).
     pub fn of(objects: Vec<ObjectId>) -> Self {
-        if objects.is_empty() {
+        if objects.is_empty() || objects.len() > entry::MAX_ENTRY_OBJECTS {
             Self::Everything
         } else {
             Self::Objects(objects)

@@ -144,6 +144,7 @@ impl Proxy {
                         include_headers,
                     )));
                 }
+                Lookup::Bypass => plans.push(Plan::Pass),
                 Lookup::Refuse(error) => {
                     let envelope = Bytes::from(error.envelope());
                     plans.push(Plan::Local(reply_entry(

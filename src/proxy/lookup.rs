@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use http::HeaderMap;
 
+use crate::cache::entry::MAX_ENTRY_OBJECTS;
 use crate::cache::{CacheKey, CachedResponse, Freshness, Store, TokenIdentity};
 use crate::error::ProxyError;
 use crate::graph::query::QueryParams;
@@ -21,6 +22,8 @@ pub(crate) enum Lookup {
     Serve(Arc<CachedResponse>, HitReason),
     /// Answer locally with Graph's throttling envelope.
     Refuse(ProxyError),
+    /// Relay it uncached: it names more objects than an entry may hold.
+    Bypass,
     /// Go upstream: revalidate `entry` if there is one, else fetch.
     Fetch {
         entry: Option<Arc<CachedResponse>>,
@@ -54,7 +57,11 @@ impl Proxy {
                 return Lookup::Serve(entry.clone(), HitReason::Fresh);
             }
         }
-        let objects: Arc<[ObjectId]> = objects_of(read.path, read.query.iter()).into();
+        let objects = objects_of(read.path, read.query.iter());
+        if objects.len() > MAX_ENTRY_OBJECTS {
+            return Lookup::Bypass;
+        }
+        let objects: Arc<[ObjectId]> = objects.into();
         match self.protection(
             entry.as_deref(),
             &objects,

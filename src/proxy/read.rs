@@ -112,6 +112,7 @@ impl Proxy {
                 ))
             }
             Lookup::Refuse(error) => return Err(error),
+            Lookup::Bypass => return self.bypass(parts, None, Some(identity), timer).await,
             Lookup::Fetch {
                 entry,
                 fwd,
