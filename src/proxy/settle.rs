@@ -161,7 +161,7 @@ impl Proxy {
         if !storable_body(&answer.body) {
             return Err(None);
         }
-        let mut headers = answer.headers.clone();
+        let mut headers = owned_headers(&answer.headers);
         strip_per_call(&mut headers);
         headers.remove(header::CONTENT_LENGTH);
         let etag = headers.get(header::ETAG).cloned();
@@ -180,6 +180,20 @@ impl Proxy {
         }
         Ok(entry)
     }
+}
+
+/// A copy of `headers` whose values own their bytes: values parsed by hyper
+/// are slices of the connection's read buffer, which a stored entry would
+/// otherwise keep alive whole.
+fn owned_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut owned = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let mut copy = http::HeaderValue::from_bytes(value.as_bytes())
+            .expect("a header value's bytes are a valid header value");
+        copy.set_sensitive(value.is_sensitive());
+        owned.append(name.clone(), copy);
+    }
+    owned
 }
 
 /// A 200 head that may be stored: no cookies, no content encoding.
