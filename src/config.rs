@@ -201,6 +201,13 @@ pub struct Config {
     /// `GRAPHCACHE_SERVICE_HOST`, `GRAPHCACHE_PORT`, … for a Service named
     /// graphcache): ignored, and reported once at start-up.
     pub ignored_env: Vec<String>,
+    /// Where each key that is not a default came from: `file`, `env` or
+    /// `flag` (for `--check-config`).
+    pub origins: std::collections::BTreeMap<String, &'static str>,
+    /// `upstream_ca_file` as configured, for `--check-config`.
+    pub upstream_ca_file: Option<PathBuf>,
+    /// `quota_ttl_from` as configured, also while quota-aware TTLs are off.
+    pub quota_ttl_from: f64,
 }
 
 /// Sharing of identical concurrent reads.
@@ -296,6 +303,8 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        let mut origins: std::collections::BTreeMap<String, &'static str> =
+            table.keys().map(|key| (key.clone(), "file")).collect();
         let mut ignored_env = Vec::new();
         for (name, value) in &env {
             let key = name[ENV_PREFIX.len()..].to_ascii_lowercase();
@@ -315,6 +324,7 @@ impl Config {
                     message: format!("{key} = {value}: {}", e.message()),
                 });
             }
+            origins.insert(key.clone(), "env");
             table.insert(key, value);
         }
         let flags: [(&str, Option<toml::Value>); 6] = [
@@ -330,6 +340,7 @@ impl Config {
         ];
         for (key, value) in flags {
             if let Some(value) = value {
+                origins.insert(key.to_owned(), "flag");
                 table.insert(key.to_owned(), value);
             }
         }
@@ -348,6 +359,7 @@ impl Config {
                 })?;
         let mut config = raw.validate()?;
         config.ignored_env = ignored_env;
+        config.origins = origins;
         Ok(config)
     }
 
@@ -502,6 +514,9 @@ impl RawConfig {
         };
         let config = Config {
             ignored_env: Vec::new(),
+            origins: Default::default(),
+            upstream_ca_file: self.upstream_ca_file.clone(),
+            quota_ttl_from: self.quota_ttl_from.unwrap_or(default::QUOTA_TTL_FROM),
             upstream_ca,
             rewrite_paging_links: self
                 .rewrite_paging_links
@@ -630,6 +645,135 @@ fn load_certificates(
 }
 
 impl Config {
+    /// The effective configuration as TOML, every key with where its value
+    /// came from (`default`, `file`, `env`, `flag`). It holds no secret: the
+    /// configuration carries no token, and the upstream URL no credentials.
+    /// Read back as a file, it gives the same configuration.
+    pub fn effective_toml(&self) -> String {
+        use toml::Value;
+        let secs = |d: Duration| Value::Integer(i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let int = |n: u64| Value::Integer(i64::try_from(n).unwrap_or(i64::MAX));
+        let text = |s: String| Value::String(s);
+        let upstream = self.upstream.to_string();
+        let values: Vec<(&str, Value)> = vec![
+            ("listen", text(self.listen.to_string())),
+            ("admin_listen", text(self.admin_listen.to_string())),
+            ("upstream", text(upstream.trim_end_matches('/').to_owned())),
+            ("fresh_ttl", secs(self.routes.default.fresh_ttl)),
+            ("max_stale", secs(self.routes.default.max_stale)),
+            ("cache_max_bytes", int(self.cache_max_bytes)),
+            ("max_entry_bytes", int(self.max_entry_bytes as u64)),
+            ("max_header_bytes", int(self.max_header_bytes as u64)),
+            ("max_body_bytes", int(self.max_body_bytes as u64)),
+            ("connect_timeout", secs(self.connect_timeout)),
+            ("upstream_timeout", secs(self.upstream_timeout)),
+            ("header_read_timeout", secs(self.header_read_timeout)),
+            ("shutdown_grace", secs(self.shutdown_grace)),
+            ("max_connections", int(self.max_connections as u64)),
+            ("max_buffered_bytes", int(self.max_buffered_bytes as u64)),
+            ("write_slot_wait", secs(self.write_slot_wait)),
+            ("access_log", Value::Boolean(self.access_log)),
+            (
+                "log_format",
+                text(match self.log_format {
+                    LogFormat::Text => "text".into(),
+                    LogFormat::Json => "json".into(),
+                }),
+            ),
+            ("log_level", text(self.log_level.clone())),
+            ("coalesce", Value::Boolean(self.coalesce.enabled)),
+            ("coalesce_wait", secs(self.coalesce.wait)),
+            ("batch", Value::Boolean(self.packing.enabled)),
+            (
+                "batch_max_in_flight",
+                int(self.packing.max_in_flight as u64),
+            ),
+            ("batch_max_items", int(self.packing.max_items as u64)),
+            (
+                "batch_window_ms",
+                int(u64::try_from(self.packing.window.as_millis()).unwrap_or(u64::MAX)),
+            ),
+            ("throttle_backoff", secs(self.throttle.backoff)),
+            (
+                "pressure_threshold",
+                Value::Float(self.throttle.pressure_threshold),
+            ),
+            (
+                "throttle_answer_locally",
+                Value::Boolean(self.throttle.answer_locally),
+            ),
+            (
+                "quota_aware_ttl",
+                Value::Boolean(self.throttle.quota_ttl_from.is_some()),
+            ),
+            ("quota_ttl_from", Value::Float(self.quota_ttl_from)),
+            ("quota_ttl_max", secs(self.throttle.quota_ttl_max)),
+            ("usage_label_limit", int(self.throttle.label_limit as u64)),
+            (
+                "rewrite_paging_links",
+                Value::Boolean(self.rewrite_paging_links),
+            ),
+        ];
+        let origin = |key: &str| self.origins.get(key).copied().unwrap_or("default");
+        let mut out = String::new();
+        for (key, value) in values {
+            let line = format!("{key} = {value}");
+            out.push_str(&format!(
+                "{line:<48} # {}
+",
+                origin(key)
+            ));
+        }
+        match &self.upstream_ca_file {
+            Some(path) => {
+                let line = format!("upstream_ca_file = {}", text(path.display().to_string()));
+                out.push_str(&format!(
+                    "{line:<48} # {}
+",
+                    origin("upstream_ca_file")
+                ));
+            }
+            None => out.push_str(
+                "# upstream_ca_file: none, WebPKI roots only    # default
+",
+            ),
+        }
+        for rule in &self.routes.rules {
+            let head = "[[route]]";
+            out.push_str(&format!(
+                "
+{head:<48} # {}
+",
+                origin("route")
+            ));
+            out.push_str(&format!(
+                "match = {}
+",
+                text(rule.pattern.clone())
+            ));
+            if let Some(ttl) = rule.fresh_ttl {
+                out.push_str(&format!(
+                    "fresh_ttl = {}
+",
+                    secs(ttl)
+                ));
+            }
+            if let Some(stale) = rule.max_stale {
+                out.push_str(&format!(
+                    "max_stale = {}
+",
+                    secs(stale)
+                ));
+            }
+            out.push_str(&format!(
+                "cache = {}
+",
+                rule.cache
+            ));
+        }
+        out
+    }
+
     /// Takes from `running` every setting fixed at start-up (listeners, the
     /// upstream and its client, the store's bound, connection limits, log
     /// format), so a reload changes only what it can change atomically.

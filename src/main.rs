@@ -19,9 +19,12 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
-        println!("configuration is valid:\n{config:#?}");
+        println!(
+            "# graphcache: the configuration is valid. Effective values, each with its source:"
+        );
+        print!("{}", config.effective_toml());
         for name in &config.ignored_env {
-            println!("ignored environment variable {name}: it names no configuration key");
+            println!("# ignored environment variable {name}: it names no configuration key");
         }
         return ExitCode::SUCCESS;
     }

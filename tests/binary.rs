@@ -263,3 +263,59 @@ impl Drop for Running {
         }
     }
 }
+
+#[test]
+fn check_config_prints_the_effective_configuration_as_toml_with_sources() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut command = Command::new(BIN);
+        command.args(args);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let out = command.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let printed = run(
+        &[
+            "--check-config",
+            "--config",
+            "config/graphcache.toml",
+            "--fresh-ttl",
+            "7",
+        ],
+        &[("GRAPHCACHE_MAX_STALE", "99")],
+    );
+    let line = |key: &str| {
+        printed
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("{key} missing:\n{printed}"))
+            .to_owned()
+    };
+    assert!(
+        line("fresh_ttl").starts_with("fresh_ttl = 7 ") && line("fresh_ttl").ends_with("# flag")
+    );
+    assert!(
+        line("max_stale").starts_with("max_stale = 99 ") && line("max_stale").ends_with("# env")
+    );
+    assert!(line("upstream").ends_with("# file"), "{}", line("upstream"));
+    // Valid TOML, and read back as a file it is the same configuration.
+    let table: toml::Table = toml::from_str(&printed).unwrap();
+    let dir = std::env::temp_dir().join(format!("graphcache-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("effective.toml");
+    std::fs::write(&file, &printed).unwrap();
+    let again = run(&["--check-config", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(toml::from_str::<toml::Table>(&again).unwrap(), table);
+    let _ = std::fs::remove_dir_all(&dir);
+    // Nothing printed is Rust's Debug output.
+    assert!(
+        !printed.contains("Duration") && !printed.contains("0ns"),
+        "{printed}"
+    );
+}
