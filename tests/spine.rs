@@ -28,6 +28,18 @@ fn batch_form(items: &Value, extra: &[(&str, &str)]) -> String {
     form.finish()
 }
 
+/// Posts `items` as a form batch to `/v26.0/` with token A in the query, the
+/// way the Python SDK sends it.
+async fn post_batch_as_a(h: &Harness, items: &Value) -> Reply {
+    h.send(
+        Method::POST,
+        "/v26.0/?access_token=EAAtokenA",
+        &[FORM],
+        &batch_form(items, &[]),
+    )
+    .await
+}
+
 fn entries(reply: &Reply) -> Vec<Value> {
     assert_eq!(reply.status, 200, "{}", reply.text());
     reply.json().as_array().expect("an array").clone()
@@ -92,14 +104,7 @@ async fn a_batch_item_conditional_on_a_miss_is_fetched_whole_and_answered_locall
         "",
     );
     let items = json!([{"method": "GET", "relative_url": "34", "headers": [format!("If-None-Match: {tag}")]}]);
-    let reply = h
-        .send(
-            Method::POST,
-            "/v26.0/?access_token=EAAtokenA",
-            &[FORM],
-            &batch_form(&items, &[]),
-        )
-        .await;
+    let reply = post_batch_as_a(&h, &items).await;
     let entry = &entries(&reply)[0];
     assert_eq!(entry["code"], 304);
     assert!(entry["body"].is_null());
@@ -151,14 +156,7 @@ async fn a_batch_write_to_a_reference_invalidates_the_referenced_object() {
         {"method": "GET", "relative_url": "555?fields=id", "name": "obj", "omit_response_on_success": false},
         {"method": "POST", "relative_url": "{result=obj:$.id}", "body": "name=renamed"}
     ]);
-    let reply = h
-        .send(
-            Method::POST,
-            "/v26.0/?access_token=EAAtokenA",
-            &[FORM],
-            &batch_form(&items, &[]),
-        )
-        .await;
+    let reply = post_batch_as_a(&h, &items).await;
     assert_eq!(entries(&reply).len(), 2);
     assert_refetched_changed(&h, "555", &before).await;
     assert!(h.get("/v26.0/777?access_token=EAAtokenA").await.cache().hit);
@@ -177,14 +175,7 @@ async fn a_write_whose_target_cannot_be_told_drops_everything() {
         {"method": "GET", "relative_url": "556?fields=id", "name": "obj"},
         {"method": "POST", "relative_url": "{result=obj:$.id}", "body": "name=renamed"}
     ]);
-    let reply = h
-        .send(
-            Method::POST,
-            "/v26.0/?access_token=EAAtokenA",
-            &[FORM],
-            &batch_form(&items, &[]),
-        )
-        .await;
+    let reply = post_batch_as_a(&h, &items).await;
     assert!(entries(&reply)[0].is_null(), "the parent is omitted");
     assert_refetched_changed(&h, "556", &before).await;
     let other = h.get("/v26.0/778?access_token=EAAtokenA").await;
@@ -196,13 +187,7 @@ async fn a_write_whose_target_cannot_be_told_drops_everything() {
         {"method": "POST", "relative_url": "act_9/adsets", "name": "set", "body": "name=s"},
         {"method": "POST", "relative_url": "act_9/ads", "body": "adset_id={result=set:$.id}&name=a"}
     ]);
-    h.send(
-        Method::POST,
-        "/v26.0/?access_token=EAAtokenA",
-        &[FORM],
-        &batch_form(&items, &[]),
-    )
-    .await;
+    post_batch_as_a(&h, &items).await;
     assert!(h.get("/v26.0/557?access_token=EAAtokenA").await.is_miss());
     let _ = before;
 }
@@ -284,14 +269,7 @@ async fn percent_encoded_ids_and_repeated_methods_are_writes_to_their_object() {
 async fn a_get_item_with_its_own_token_in_the_body_is_never_filed_under_the_batch_token() {
     let h = Harness::with(fresh(300)).await;
     let items = json!([{"method": "GET", "relative_url": "me", "body": "access_token=EAAtokenB"}]);
-    let reply = h
-        .send(
-            Method::POST,
-            "/v26.0/?access_token=EAAtokenA",
-            &[FORM],
-            &batch_form(&items, &[]),
-        )
-        .await;
+    let reply = post_batch_as_a(&h, &items).await;
     let made_for_b = body_of(&entries(&reply)[0]);
     let a = h.get("/v26.0/me?access_token=EAAtokenA").await;
     assert!(a.is_miss(), "{}", a.cache_status());
@@ -322,13 +300,7 @@ async fn empty_tokens_never_touch_the_cache() {
     let h = Harness::with(fresh(300)).await;
     let items = json!([{"method": "GET", "relative_url": "me?access_token="}]);
     for _ in 0..2 {
-        h.send(
-            Method::POST,
-            "/v26.0/?access_token=EAAtokenA",
-            &[FORM],
-            &batch_form(&items, &[]),
-        )
-        .await;
+        post_batch_as_a(&h, &items).await;
     }
     assert_eq!(h.mock.batch_items(), 2);
     for _ in 0..2 {
@@ -417,14 +389,7 @@ async fn packed_batches_never_borrow_another_callers_proof() {
 async fn paging_links_inside_batch_items_point_back_at_graphcache() {
     let h = Harness::start().await;
     let items = json!([{"method": "GET", "relative_url": "act_1/ads"}]);
-    let reply = h
-        .send(
-            Method::POST,
-            "/v26.0/?access_token=EAAtokenA",
-            &[FORM],
-            &batch_form(&items, &[]),
-        )
-        .await;
+    let reply = post_batch_as_a(&h, &items).await;
     let entry = &entries(&reply)[0];
     let next = body_of(entry)["paging"]["next"]
         .as_str()
@@ -556,14 +521,7 @@ async fn a_user_limit_on_a_batch_write_throttles_that_user_only() {
     // no business header): it speaks about the batch's caller, A.
     h.mock.throttle(17, &[]);
     let items = json!([{"method": "POST", "relative_url": "act_3/ads", "body": "name=x"}]);
-    let reply = h
-        .send(
-            Method::POST,
-            "/v26.0/?access_token=EAAtokenA",
-            &[FORM],
-            &batch_form(&items, &[]),
-        )
-        .await;
+    let reply = post_batch_as_a(&h, &items).await;
     assert_eq!(entries(&reply)[0]["code"], 400);
     h.mock.stop_throttling();
     // A is answered locally; B, reading the same account, is not refused.
