@@ -103,6 +103,8 @@ impl Proxy {
         let ticket = self.store.read_ticket();
         let now = Instant::now();
         let include_headers = batch.include_headers;
+        let config = self.config.load_full();
+        let routes = &config.routes;
         let mut plans = Vec::with_capacity(batch.items.len());
         let mut subjects = Vec::with_capacity(batch.items.len());
         for (item, standalone) in batch.items.iter_mut().zip(&alone) {
@@ -115,7 +117,7 @@ impl Proxy {
                 plans.push(Plan::Write);
                 continue;
             }
-            let policy = self.config.load().routes.policy_for(&path);
+            let policy = routes.policy_for(&path);
             let identity = match identity {
                 Some(identity) if *standalone && !control.no_store && policy.cache => identity,
                 _ => {

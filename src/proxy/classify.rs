@@ -97,9 +97,9 @@ impl Proxy {
         &self,
         parts: &'a Parts,
         body: Incoming,
+        config: &Config,
     ) -> Result<(Request<'a>, Kind), ProxyError> {
-        let config = self.config.load();
-        self.check_head(parts, &config)?;
+        self.check_head(parts, config)?;
         let query = QueryParams::parse(parts.uri.query());
         let headers = &parts.headers;
         let authorization = authorization_credential(headers);

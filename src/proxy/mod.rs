@@ -120,14 +120,15 @@ impl Proxy {
         let started = Instant::now();
         let (parts, body) = request.into_parts();
         let timer = UpstreamTimer::default();
-        let (response, outcome) = match self.route(&parts, body, &timer).await {
+        // One configuration for the whole request, even across a reload.
+        let config = self.config.load_full();
+        let (response, outcome) = match self.route(&parts, body, &config, &timer).await {
             Ok(handled) => (handled.response, handled.outcome),
             Err(error) => {
                 tracing::warn!(kind = error.kind(), error = %error, "request failed");
                 (error.to_response(), Outcome::Error)
             }
         };
-        let config = self.config.load();
         let response = if config.rewrite_paging_links
             && parts.method == Method::GET
             && outcome != Outcome::Write
@@ -157,9 +158,10 @@ impl Proxy {
         self: &Arc<Self>,
         parts: &http::request::Parts,
         body: Incoming,
+        config: &Config,
         timer: &UpstreamTimer,
     ) -> Result<Handled, ProxyError> {
-        let (request, kind) = self.classify(parts, body).await?;
+        let (request, kind) = self.classify(parts, body, config).await?;
         match kind {
             Kind::Read { policy, identity } => self.read(&request, policy, identity, timer).await,
             Kind::Bypass(body) => self.bypass(parts, body, request.caller, timer).await,

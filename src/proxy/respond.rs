@@ -250,7 +250,11 @@ pub(crate) fn answer_response(
     if matches {
         return not_modified(&answer.headers, status.header());
     }
-    let head = parts.method == Method::HEAD;
+    collected(answer, parts.method == Method::HEAD, status)
+}
+
+/// A collected answer as it came, for a GET (or a HEAD: no body, its length).
+fn collected(answer: &Answer, head: bool, status: CacheStatus) -> Response<ResponseBody> {
     let mut response = Response::new(if head {
         ResponseBody::Empty
     } else {
@@ -292,13 +296,7 @@ where
 /// The reply to a client batch that failed as a whole upstream, as Graph
 /// sent it.
 pub(crate) fn whole_answer(answer: &Answer, status: CacheStatus) -> Response<ResponseBody> {
-    let mut response = Response::new(ResponseBody::full(answer.body.clone()));
-    *response.status_mut() = answer.status;
-    let headers = response.headers_mut();
-    headers.extend(answer.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
-    headers.remove(header::CONTENT_LENGTH);
-    headers.insert(CACHE_STATUS, status.header());
-    response
+    collected(answer, false, status)
 }
 
 /// Refuses to relay an encoded body to a client that did not accept it.
