@@ -40,6 +40,12 @@ fn main() -> ExitCode {
         .build()
         .expect("tokio runtime starts");
     runtime.block_on(async move {
+        // Handlers go in before the listeners bind and "serving" is logged,
+        // so a signal sent as soon as graphcache is up is never the default
+        // action (SIGHUP would kill the process).
+        let shutdown = shutdown_signal();
+        #[cfg(unix)]
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let server = match Graphcache::bind(config).await {
             Ok(server) => server,
             Err(error) => {
@@ -48,8 +54,20 @@ fn main() -> ExitCode {
             }
         };
         #[cfg(unix)]
-        tokio::spawn(reload_on_sighup(cli, server.reloader(), log_filter));
-        server.run(shutdown_signal()).await;
+        match hangups {
+            Ok(hangups) => {
+                tokio::spawn(reload_on_sighup(
+                    hangups,
+                    cli,
+                    server.reloader(),
+                    log_filter,
+                ));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP; configuration reloads are off")
+            }
+        }
+        server.run(shutdown).await;
         ExitCode::SUCCESS
     })
 }
@@ -77,12 +95,12 @@ fn init_tracing(config: &Config) -> LogFilter {
 /// On SIGHUP, reads the config file and environment again and applies what
 /// can change to new requests; a bad configuration keeps the running one.
 #[cfg(unix)]
-async fn reload_on_sighup(cli: Cli, reloader: graphcache::Reloader, log_filter: LogFilter) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; configuration reloads are off");
-        return;
-    };
+async fn reload_on_sighup(
+    mut hangups: tokio::signal::unix::Signal,
+    cli: Cli,
+    reloader: graphcache::Reloader,
+    log_filter: LogFilter,
+) {
     while hangups.recv().await.is_some() {
         match Config::load(&cli, std::env::vars()) {
             Ok(config) => {
@@ -108,21 +126,25 @@ async fn reload_on_sighup(cli: Cli, reloader: graphcache::Reloader, log_filter: 
     }
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM (what a container runtime sends).
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Installs the SIGINT (Ctrl-C) and SIGTERM (what a container runtime sends)
+/// handlers now, and resolves when either arrives.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler installs");
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::terminate()).expect("SIGTERM handler installs"),
+            signal(SignalKind::interrupt()).expect("SIGINT handler installs"),
+        )
+    };
+    async move {
+        #[cfg(unix)]
         tokio::select! {
-            _ = ctrl_c => {}
             _ = term.recv() => {}
+            _ = int.recv() => {}
         }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutdown signal received");
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-    tracing::info!("shutdown signal received");
 }
