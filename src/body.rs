@@ -1,12 +1,18 @@
 //! Response bodies: one enum, so a cache hit serves its stored `Bytes` without
 //! boxing, and a relayed upstream body streams without being copied.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+
+use crate::metrics::InFlight;
+
+/// Error of a body sent to clients: an upstream failure, or the deadline.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Every body graphcache sends to clients.
 #[derive(Debug)]
@@ -16,12 +22,42 @@ pub enum ResponseBody {
     /// A complete body: cached data or a synthetic error.
     Full(Option<Bytes>),
     /// An upstream body relayed as it arrives, after `prefix` (the part that
-    /// was read while deciding whether to store it).
+    /// was read while deciding whether to store it). `guard` is set for
+    /// upstream answers: it cuts the stream off at the exchange's deadline.
     Relay {
         prefix: Option<Bytes>,
         rest: Incoming,
+        guard: Option<RelayGuard>,
     },
 }
+
+/// What an upstream body streamed to a client carries: the exchange's
+/// deadline (a body that hangs or drips past `upstream_timeout` is cut off,
+/// which the client sees as a truncated message, never a complete one) and
+/// the exchange's in-flight count, which ends when the stream does.
+#[derive(Debug)]
+pub struct RelayGuard {
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    _in_flight: InFlight,
+}
+
+impl RelayGuard {
+    pub fn new(deadline: tokio::time::Instant, in_flight: InFlight) -> Self {
+        Self {
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            _in_flight: in_flight,
+        }
+    }
+
+    pub fn deadline(&self) -> tokio::time::Instant {
+        self.deadline.deadline()
+    }
+}
+
+/// The relayed upstream body did not end within the exchange's deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream body did not end within upstream_timeout; the stream was cut off")]
+pub struct RelayDeadline;
 
 impl ResponseBody {
     pub fn full(bytes: Bytes) -> Self {
@@ -35,7 +71,7 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -44,11 +80,20 @@ impl Body for ResponseBody {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Self::Relay { prefix, rest } => {
+            Self::Relay {
+                prefix,
+                rest,
+                guard,
+            } => {
                 if let Some(bytes) = prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(bytes))));
                 }
-                Pin::new(rest).poll_frame(cx)
+                if let Some(guard) = guard {
+                    if guard.deadline.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(Err(RelayDeadline.into())));
+                    }
+                }
+                Pin::new(rest).poll_frame(cx).map_err(Into::into)
             }
         }
     }
@@ -57,7 +102,7 @@ impl Body for ResponseBody {
         match self {
             Self::Empty => true,
             Self::Full(bytes) => bytes.is_none(),
-            Self::Relay { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            Self::Relay { prefix, rest, .. } => prefix.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -65,7 +110,7 @@ impl Body for ResponseBody {
         match self {
             Self::Empty => SizeHint::with_exact(0),
             Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Self::Relay { prefix, rest } => {
+            Self::Relay { prefix, rest, .. } => {
                 let extra = prefix.as_ref().map_or(0, |b| b.len() as u64);
                 let inner = rest.size_hint();
                 let mut hint = SizeHint::new();
@@ -79,10 +124,14 @@ impl Body for ResponseBody {
     }
 }
 
-/// An upstream body relayed as it arrives.
-impl From<Incoming> for ResponseBody {
-    fn from(rest: Incoming) -> Self {
-        ResponseBody::Relay { prefix: None, rest }
+impl ResponseBody {
+    /// An upstream body relayed as it arrives, within its exchange's guard.
+    pub fn relay(prefix: Option<Bytes>, rest: Incoming, guard: RelayGuard) -> Self {
+        ResponseBody::Relay {
+            prefix,
+            rest,
+            guard: Some(guard),
+        }
     }
 }
 

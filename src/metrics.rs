@@ -36,6 +36,7 @@ pub const THROTTLE_RESPONSES: &str = "graphcache_graph_throttle_responses_total"
 pub const THROTTLED_SCOPES: &str = "graphcache_throttled_scopes";
 pub const CONFIG_RELOADS: &str = "graphcache_config_reloads_total";
 pub const CONNECTIONS_CLOSED: &str = "graphcache_client_connections_closed_total";
+pub const UPSTREAM_IN_FLIGHT: &str = "graphcache_upstream_in_flight_requests";
 pub const CALLS_AVOIDED: &str = "graphcache_upstream_calls_avoided_total";
 
 /// Graph's usage headers and throttling, as graphcache saw them.
@@ -232,6 +233,8 @@ pub struct Metrics {
     requests: [IntCounter; Outcome::ALL.len()],
     upstream_requests: IntCounterVec,
     upstream_duration: Histogram,
+    /// Upstream exchanges from send until their body is read or dropped.
+    upstream_in_flight: IntGauge,
     cache_entries: IntGauge,
     cache_bytes: IntGauge,
     evictions: IntCounterVec,
@@ -244,6 +247,17 @@ pub struct Metrics {
     connections_closed: IntCounterVec,
     /// Configuration reloads (SIGHUP) by result.
     reloads: IntCounterVec,
+}
+
+/// One upstream exchange counted in flight; dropping it ends the count, so
+/// every path out (answer read, error, timeout, client gone) is covered.
+#[derive(Debug)]
+pub struct InFlight(IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Why a client connection ended.
@@ -295,6 +309,11 @@ impl Metrics {
             .buckets(vec![
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
             ]),
+        )
+        .expect("valid metric");
+        let upstream_in_flight = IntGauge::new(
+            UPSTREAM_IN_FLIGHT,
+            "Upstream exchanges under way: sent, and their answer not yet read to its end or dropped.",
         )
         .expect("valid metric");
         let cache_entries =
@@ -410,6 +429,7 @@ impl Metrics {
             Box::new(requests_vec),
             Box::new(upstream_requests.clone()),
             Box::new(upstream_duration.clone()),
+            Box::new(upstream_in_flight.clone()),
             Box::new(cache_entries.clone()),
             Box::new(cache_bytes.clone()),
             Box::new(evictions.clone()),
@@ -424,6 +444,7 @@ impl Metrics {
             requests,
             upstream_requests,
             upstream_duration,
+            upstream_in_flight,
             cache_entries,
             cache_bytes,
             evictions,
@@ -451,6 +472,12 @@ impl Metrics {
 
     pub fn count_request(&self, outcome: Outcome) {
         self.requests[outcome as usize].inc();
+    }
+
+    /// Counts one upstream exchange in flight until the guard drops.
+    pub fn upstream_in_flight(&self) -> InFlight {
+        self.upstream_in_flight.inc();
+        InFlight(self.upstream_in_flight.clone())
     }
 
     /// Records one upstream exchange: its status (None for a transport error

@@ -10,7 +10,7 @@ use http::request::Parts;
 use http::Response;
 use hyper::body::Incoming;
 
-use crate::body::{collect_up_to, Collected, ResponseBody};
+use crate::body::{collect_up_to, Collected, RelayGuard, ResponseBody};
 use crate::cache::TokenIdentity;
 use crate::error::ProxyError;
 use crate::metrics::Outcome;
@@ -44,33 +44,44 @@ impl Proxy {
             headers,
             body,
         );
-        let response = self.upstream.send(upstream, &self.metrics, timer).await?;
+        let (response, guard) = self.upstream.send(upstream, &self.metrics, timer).await?;
         let response = self
-            .observe_relayed(response, &Subject::of_request(parts.uri.path(), caller))
+            .observe_relayed(
+                response,
+                guard,
+                &Subject::of_request(parts.uri.path(), caller),
+                Peek::Errors,
+            )
             .await?;
         let status = CacheStatus::forward(Fwd::Bypass, response.status().as_u16());
         check_encoding(&parts.headers, response.headers())?;
         Ok(relay(parts, response, status, Outcome::Bypass))
     }
 
-    /// Reads the usage headers of a relayed answer and, for an error, its
-    /// body (up to 64 KiB, then relayed as read) for a throttling code.
+    /// Reads the usage headers of a relayed answer and, for an error (or
+    /// any answer, with [`Peek::Whole`]), its body up to 64 KiB, then
+    /// relayed as read, for a throttling code.
     pub(crate) async fn observe_relayed(
         &self,
         response: Response<Incoming>,
+        guard: RelayGuard,
         subject: &Subject,
+        peek: Peek,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         const ERROR_PEEK: usize = 64 << 10;
         let (head, body) = response.into_parts();
-        if head.status.is_success() || head.status.is_redirection() {
+        let success = head.status.is_success() || head.status.is_redirection();
+        if success && peek == Peek::Errors {
             self.limits.observe(&head.headers, subject, &self.metrics);
-            return Ok(Response::from_parts(head, body.into()));
+            return Ok(Response::from_parts(
+                head,
+                ResponseBody::relay(None, body, guard),
+            ));
         }
-        let collected =
-            tokio::time::timeout(self.upstream.timeout, collect_up_to(body, ERROR_PEEK))
-                .await
-                .map_err(|_| UpstreamError::Timeout(self.upstream.timeout))?
-                .map_err(|e| UpstreamError::Body(Arc::new(e)))?;
+        let collected = tokio::time::timeout_at(guard.deadline(), collect_up_to(body, ERROR_PEEK))
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.upstream.timeout))?
+            .map_err(|e| UpstreamError::Body(Arc::new(e)))?;
         let body = match collected {
             Collected::Complete(bytes) => {
                 self.limits.observe_answer(
@@ -84,12 +95,20 @@ impl Proxy {
             }
             Collected::Overflow { prefix, rest } => {
                 self.limits.observe(&head.headers, subject, &self.metrics);
-                ResponseBody::Relay {
-                    prefix: Some(prefix),
-                    rest,
-                }
+                ResponseBody::relay(Some(prefix), rest, guard)
             }
         };
         Ok(Response::from_parts(head, body))
     }
+}
+
+/// Which relayed answers are read (up to 64 KiB) before they are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Peek {
+    /// Only errors, for their throttling codes; successes stream.
+    Errors,
+    /// Every answer: a write's answer is small, and reading it first means
+    /// an upstream that breaks off mid-answer gets the client a clean
+    /// 502/504 envelope instead of a truncated success.
+    Whole,
 }

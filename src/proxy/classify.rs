@@ -224,6 +224,7 @@ impl Proxy {
                             ResponseBody::Relay {
                                 prefix: Some(prefix),
                                 rest,
+                                guard: None,
                             },
                             max_body,
                         )

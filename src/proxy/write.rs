@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::cache::WriteScope;
 use crate::error::ProxyError;
 use crate::metrics::Outcome;
+use crate::proxy::bypass::Peek;
 use crate::proxy::classify::{Budget, Request};
 use crate::proxy::respond::{check_encoding, relay, CacheStatus, Fwd, Handled};
 use crate::proxy::Proxy;
@@ -50,7 +51,11 @@ impl Proxy {
                 let _budget = budget;
                 let timer = UpstreamTimer::default();
                 let result = match proxy.upstream.send(upstream, &proxy.metrics, &timer).await {
-                    Ok(response) => proxy.observe_relayed(response, &subject).await,
+                    Ok((response, guard)) => {
+                        proxy
+                            .observe_relayed(response, guard, &subject, Peek::Whole)
+                            .await
+                    }
                     Err(error) => Err(error.into()),
                 };
                 // Invalidate unless Graph rejected the write (4xx): a 2xx

@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::body::RelayGuard;
 use crate::body::{collect_up_to, Collected};
 use crate::config::Config;
 use crate::headers::strip_hop_by_hop;
@@ -122,23 +123,26 @@ impl Upstream {
 
     /// Sends `request` (its URI already from [`Self::uri_for`]) and waits for
     /// the response head, within the timeout. Never retries: a write must
-    /// reach the upstream at most once.
+    /// reach the upstream at most once. The guard carries the exchange's
+    /// deadline and in-flight count to whoever reads the body.
     pub async fn send(
         &self,
         mut request: Request<UpstreamBody>,
         metrics: &Metrics,
         timer: &UpstreamTimer,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<(Response<Incoming>, RelayGuard), UpstreamError> {
         request.headers_mut().insert(HOST, self.host.clone());
+        let in_flight = metrics.upstream_in_flight();
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.client.request(request)).await;
+        let deadline = tokio::time::Instant::from_std(started) + self.timeout;
+        let result = tokio::time::timeout_at(deadline, self.client.request(request)).await;
         let elapsed = started.elapsed();
         timer.add(elapsed);
         let elapsed = elapsed.as_secs_f64();
         match result {
             Ok(Ok(response)) => {
                 metrics.observe_upstream(Some(response.status()), elapsed);
-                Ok(response)
+                Ok((response, RelayGuard::new(deadline, in_flight)))
             }
             Ok(Err(e)) => {
                 metrics.observe_upstream(None, elapsed);
@@ -152,21 +156,22 @@ impl Upstream {
     }
 
     /// Sends `request` and collects its whole answer (up to `max_body`)
-    /// within the timeout.
+    /// within the timeout: a body that breaks off, hangs or drips past the
+    /// deadline is an error, never a partial answer.
     pub async fn exchange(
         &self,
         request: Request<UpstreamBody>,
         metrics: &Metrics,
     ) -> Result<Answer, UpstreamError> {
         let timer = UpstreamTimer::default();
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let response = self.send(request, metrics, &timer).await?;
+        let (response, guard) = self.send(request, metrics, &timer).await?;
         let (head, body) = response.into_parts();
         let limit = self.max_body;
-        let collected = tokio::time::timeout_at(deadline, collect_up_to(body, limit))
+        let collected = tokio::time::timeout_at(guard.deadline(), collect_up_to(body, limit))
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))?
             .map_err(|e| UpstreamError::Body(Arc::new(e)))?;
+        drop(guard);
         let body = match collected {
             Collected::Complete(body) => body,
             Collected::Overflow { .. } => return Err(UpstreamError::TooLarge { limit }),
