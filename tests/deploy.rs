@@ -260,8 +260,7 @@ fn dockerfile_env() -> Vec<(String, String)> {
     let joined = text.replace("\\\n", " ");
     let last = joined
         .lines()
-        .filter(|l| l.starts_with("ENV "))
-        .next_back()
+        .rfind(|l| l.starts_with("ENV "))
         .expect("the image sets ENV");
     last["ENV ".len()..]
         .split_whitespace()
