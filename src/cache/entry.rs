@@ -45,8 +45,12 @@ pub struct CachedResponse {
     /// When the entry was stored or last validated upstream.
     pub stored_at: Instant,
     pub policy: CachePolicy,
-    /// The objects whose writes invalidate this entry.
+    /// The objects whose writes invalidate this entry: those the request
+    /// named and those its answer shows (listing members, nested objects).
     pub objects: Arc<[ObjectId]>,
+    /// The answer shows more objects than an entry may be indexed under, so
+    /// a write to one of them would not find it: it is always revalidated.
+    pub members_unindexed: bool,
     /// What its `Vary` names, when it names anything graphcache honours.
     pub vary: Option<VaryValues>,
     /// Distinguishes successive entries under one key in the index.
@@ -80,6 +84,7 @@ impl CachedResponse {
             stored_at: Instant::now(),
             policy,
             objects,
+            members_unindexed: false,
             vary: None,
             entry_id: 0,
         }
@@ -146,6 +151,7 @@ impl CachedResponse {
             stored_at: Instant::now(),
             policy: self.policy,
             objects: self.objects.clone(),
+            members_unindexed: self.members_unindexed,
             vary: self.vary.clone(),
             entry_id: 0,
         }

@@ -1,7 +1,9 @@
 //! Cache keys.
 //!
 //! A key is a blake3 hash over everything that can change a Graph answer: the
-//! path as sent (version included), the query parameters decoded and sorted by
+//! path as sent (version included; a trailing slash dropped, since Graph
+//! answers `/v26.0/123/` and `/v26.0/123` alike and the Python SDK sends the
+//! first while other clients send the second), the query parameters decoded and sorted by
 //! name, the User-Agent (Graph's ETag and formatting depend on it) and the
 //! caller's identity ([`super::identity`]).
 
@@ -33,7 +35,7 @@ pub fn cache_key(
 ) -> CacheKey {
     let mut hasher = blake3::Hasher::new();
     hasher.update(b"graphcache-key-v1");
-    put_field(&mut hasher, path.as_bytes());
+    put_field(&mut hasher, canonical_path(path).as_bytes());
     for (name, value) in query.iter() {
         if CREDENTIAL_PARAMS.contains(&name) {
             continue;
@@ -46,6 +48,16 @@ pub fn cache_key(
     put_field(&mut hasher, user_agent);
     hasher.update(&identity.0);
     CacheKey(*hasher.finalize().as_bytes())
+}
+
+/// The path as keyed: without trailing slashes (the root stays `/`).
+pub fn canonical_path(path: &str) -> &str {
+    let trimmed = path.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/"
+    } else {
+        trimmed
+    }
 }
 
 fn put_field(hasher: &mut blake3::Hasher, bytes: &[u8]) {
@@ -68,6 +80,26 @@ mod tests {
 
     fn key(path: &str, query: &str, ua: &str, id: &TokenIdentity) -> CacheKey {
         cache_key(path, &QueryParams::parse(Some(query)), ua.as_bytes(), id)
+    }
+
+    #[test]
+    fn a_trailing_slash_names_the_same_object() {
+        let id = TokenHasher::with_secret([7; 32]).identify(&tok("t"));
+        assert_eq!(
+            key("/v26.0/123/", "", "ua", &id),
+            key("/v26.0/123", "", "ua", &id)
+        );
+        assert_eq!(
+            key("/v26.0/act_1/ads/", "limit=5", "ua", &id),
+            key("/v26.0/act_1/ads", "limit=5", "ua", &id)
+        );
+        assert_ne!(
+            key("/v26.0/123", "", "ua", &id),
+            key("/v26.0/1234", "", "ua", &id)
+        );
+        assert_eq!(canonical_path("/"), "/");
+        assert_eq!(canonical_path("//"), "/");
+        assert_eq!(canonical_path("/v26.0/1//"), "/v26.0/1");
     }
 
     #[test]
@@ -95,7 +127,8 @@ mod tests {
         assert_ne!(base, key("/v2/x", "a=1", "ua", &id));
         assert_ne!(base, key("/v1/x", "a=2", "ua", &id));
         assert_ne!(base, key("/v1/x", "a=1", "ub", &id));
-        assert_ne!(base, key("/v1/x/", "a=1", "ua", &id));
+        // (A trailing slash no longer does: issue 12, and the test above.)
+        assert_ne!(base, key("/v1/x/y", "a=1", "ua", &id));
         // Length prefixes keep field boundaries apart.
         assert_ne!(
             key("/v1/x", "ab=c", "ua", &id),

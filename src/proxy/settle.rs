@@ -8,8 +8,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::StatusCode;
 
-use crate::cache::entry::{vary_of, vary_values, Vary, VaryValues};
+use crate::cache::entry::{vary_of, vary_values, Vary, VaryValues, MAX_ENTRY_OBJECTS};
 use crate::cache::{CacheKey, CachedResponse, Freshness, ReadTicket, Store};
+use crate::graph::members::members_of;
 use crate::graph::routes::{CachePolicy, ObjectId};
 use crate::headers::{is_encoded, strip_per_call};
 use crate::proxy::respond::Detail;
@@ -96,7 +97,7 @@ impl Proxy {
             if let Some(entry) = &cacheable.entry {
                 let mut refreshed = entry.revalidated(&answer.headers);
                 // The route's policy now, which a reload may have changed.
-                refreshed.policy = cacheable.policy;
+                refreshed.policy = entry_policy(cacheable.policy, entry.members_unindexed);
                 if answer.headers.contains_key(header::VARY) {
                     // A 304 that changes `Vary` changes whom the entry serves.
                     match VaryCheck::of(&refreshed.headers, &cacheable.vary_basis) {
@@ -165,6 +166,7 @@ impl Proxy {
         strip_per_call(&mut headers);
         headers.remove(header::CONTENT_LENGTH);
         let etag = headers.get(header::ETAG).cloned();
+        let (objects, unindexed) = indexed_objects(&cacheable.objects, &answer.body);
         // An exact-size copy: the answer's bytes may be a slice of a much
         // larger connection read buffer, which a stored slice would pin for
         // the entry's whole life (memory beyond `cache_max_bytes`).
@@ -172,13 +174,48 @@ impl Proxy {
             headers,
             Bytes::copy_from_slice(&answer.body),
             etag,
-            cacheable.policy,
-            cacheable.objects.clone(),
+            entry_policy(cacheable.policy, unindexed),
+            objects,
         );
+        entry.members_unindexed = unindexed;
         if let VaryCheck::Values(values) = vary {
             entry.vary = Some(values.clone());
         }
         Ok(entry)
+    }
+}
+
+/// The objects an entry is indexed under: those the request named, then
+/// those its answer shows (so a write to a listed ad drops the listing).
+/// When that is more than an entry may carry, only the request's, and the
+/// second value says the members went unindexed.
+fn indexed_objects(named: &Arc<[ObjectId]>, body: &[u8]) -> (Arc<[ObjectId]>, bool) {
+    let Some(members) = members_of(body, MAX_ENTRY_OBJECTS) else {
+        return (named.clone(), true);
+    };
+    let extra: Vec<ObjectId> = members.into_iter().filter(|m| !named.contains(m)).collect();
+    if extra.is_empty() {
+        return (named.clone(), false);
+    }
+    if named.len() + extra.len() > MAX_ENTRY_OBJECTS {
+        return (named.clone(), true);
+    }
+    (named.iter().cloned().chain(extra).collect(), false)
+}
+
+/// The policy an entry is stored with: the route's, except that an entry
+/// whose members could not all be indexed is never fresh (a write to one of
+/// them would not find it, so every read asks Graph, which answers 304 when
+/// nothing changed).
+fn entry_policy(route: CachePolicy, members_unindexed: bool) -> CachePolicy {
+    if members_unindexed {
+        CachePolicy {
+            fresh_ttl: std::time::Duration::ZERO,
+            always_revalidate: true,
+            ..route
+        }
+    } else {
+        route
     }
 }
 

@@ -77,6 +77,9 @@ struct Counters {
     writes: AtomicU64,
     batches: AtomicU64,
     batch_items: AtomicU64,
+    /// Reads answered (single GETs and batch GET items, 304s included):
+    /// what Graph's meters count for reads.
+    reads: AtomicU64,
 }
 
 struct State {
@@ -102,6 +105,9 @@ struct State {
     /// While set, reads and writes are answered with this throttling error
     /// code, plus these extra headers.
     throttling: Mutex<Option<Throttling>>,
+    /// Edges with real members (`act_1/ads` → ad ids): a listing shows each
+    /// member's current version, as Graph's listings show current fields.
+    members: Mutex<HashMap<String, Vec<String>>>,
 }
 
 /// Handle to a running mock Graph server.
@@ -166,6 +172,7 @@ impl MockGraph {
             )]),
             throttling: Mutex::new(None),
             tag_answers: Default::default(),
+            members: Mutex::default(),
         });
         let serve_state = state.clone();
         tokio::spawn(async move {
@@ -264,12 +271,26 @@ impl MockGraph {
     pub fn last(&self) -> Seen {
         self.seen().pop().expect("the mock received a request")
     }
-    /// Changes object `id` as a write would: its bodies and ETags change.
     /// From now on, answers carry `x-mock-answer: <request count>`.
     pub fn tag_answers(&self) {
         self.state.tag_answers.store(true, Ordering::SeqCst);
     }
 
+    /// Reads answered (single GETs plus GET batch items, 304s included).
+    pub fn reads(&self) -> u64 {
+        self.state.counters.reads.load(Ordering::SeqCst)
+    }
+
+    /// Gives `edge` of `node` (`set_members("act_1", "ads", ..)`) these
+    /// members; its listing then shows each one's current version.
+    pub fn set_members(&self, node: &str, edge: &str, ids: &[&str]) {
+        self.state.members.lock().unwrap().insert(
+            format!("{}/{edge}", node.trim_start_matches("act_")),
+            ids.iter().map(|id| (*id).to_owned()).collect(),
+        );
+    }
+
+    /// Changes object `id` as a write would: its bodies and ETags change.
     pub fn touch(&self, id: &str) {
         *self
             .state
@@ -752,6 +773,7 @@ fn read(
     params: &HashMap<String, String>,
     token: &str,
 ) -> Response<Full<Bytes>> {
+    state.counters.reads.fetch_add(1, Ordering::SeqCst);
     let node = segments.first().copied().unwrap_or("");
     let version = |id: &str| {
         state
@@ -833,6 +855,22 @@ fn read(
                 object["fields"] = json!(fields);
             }
             object
+        }
+        (node, Some(edge))
+            if state
+                .members
+                .lock()
+                .unwrap()
+                .contains_key(&format!("{}/{edge}", node.trim_start_matches("act_"))) =>
+        {
+            let members = state.members.lock().unwrap()
+                [&format!("{}/{edge}", node.trim_start_matches("act_"))]
+                .clone();
+            let data: Vec<Value> = members
+                .iter()
+                .map(|id| json!({"id": id, "name": format!("Object {id}"), "version": version(id)}))
+                .collect();
+            json!({"data": data})
         }
         (node, Some(edge)) => {
             let limit: usize = params
