@@ -127,6 +127,9 @@ impl CachedResponse {
         }
         let mut last: Option<HeaderName> = None;
         for (name, value) in fresh {
+            // An owned copy: a 304's values are slices of the upstream
+            // connection's read buffer, which the entry would pin whole.
+            let value = owned_value(&value);
             // `into_iter` names a header once, then yields its other values.
             match name {
                 Some(name) => {
@@ -223,12 +226,32 @@ pub fn vary_of(headers: &HeaderMap) -> Vary {
     }
 }
 
-/// The values `names` have in `request`, to store with an entry.
+/// The values `names` have in `request`, to store with an entry (owned:
+/// the request's are slices of the client connection's read buffer).
 pub fn vary_values(names: &[HeaderName], request: &HeaderMap) -> VaryValues {
     names
         .iter()
-        .map(|name| (name.clone(), request.get(name).cloned()))
+        .map(|name| (name.clone(), request.get(name).map(owned_value)))
         .collect()
+}
+
+/// A copy of `headers` whose values own their bytes: values parsed by hyper
+/// are slices of the connection's read buffer, which a stored entry would
+/// otherwise keep alive whole (memory beyond `cache_max_bytes`).
+pub fn owned_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut owned = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        owned.append(name.clone(), owned_value(value));
+    }
+    owned
+}
+
+/// `value` in a buffer of its own.
+pub fn owned_value(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_bytes(value.as_bytes())
+        .expect("a header value's bytes are a valid header value");
+    copy.set_sensitive(value.is_sensitive());
+    copy
 }
 
 /// True when `request` has exactly the recorded values.
@@ -240,6 +263,53 @@ pub fn vary_matches(values: &[(HeaderName, Option<HeaderValue>)], request: &Head
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn revalidated_and_vary_values_own_their_bytes() {
+        use bytes::Bytes;
+        // A stand-in for a connection read buffer, with a header value in it.
+        let buffer = Bytes::from(b"HTTP/1.1 304\r\netag: \"v2\"\r\nfoo: bar\r\n".to_vec());
+        let at = |needle: &[u8]| {
+            let start = buffer
+                .windows(needle.len())
+                .position(|w| w == needle)
+                .unwrap();
+            buffer.slice(start..start + needle.len())
+        };
+        let etag = HeaderValue::from_maybe_shared(at(b"\"v2\"")).unwrap();
+        let foo = HeaderValue::from_maybe_shared(at(b"bar")).unwrap();
+        let inside = |v: &HeaderValue| {
+            let range = buffer.as_ptr() as usize..buffer.as_ptr() as usize + buffer.len();
+            range.contains(&(v.as_bytes().as_ptr() as usize))
+        };
+        assert!(
+            inside(&etag) && inside(&foo),
+            "the stand-in slices the buffer"
+        );
+        let mut updated = HeaderMap::new();
+        updated.insert(header::ETAG, etag);
+        let entry = super::CachedResponse::new(
+            HeaderMap::new(),
+            Bytes::from_static(b"{}"),
+            None,
+            crate::graph::routes::CachePolicy {
+                fresh_ttl: Duration::ZERO,
+                max_stale: Duration::from_secs(60),
+                cache: true,
+                always_revalidate: false,
+            },
+            std::sync::Arc::from(Vec::new()),
+        );
+        let refreshed = entry.revalidated(&updated);
+        assert_eq!(refreshed.headers[header::ETAG], "\"v2\"");
+        assert!(!inside(&refreshed.headers[header::ETAG]));
+        assert!(!inside(refreshed.etag.as_ref().unwrap()));
+        let mut request = HeaderMap::new();
+        request.insert("foo", foo);
+        let values = super::vary_values(&[HeaderName::from_static("foo")], &request);
+        assert_eq!(values[0].1.as_ref().unwrap(), "bar");
+        assert!(!inside(values[0].1.as_ref().unwrap()));
+    }
+
     use super::*;
 
     fn policy(fresh: u64, stale: u64) -> CachePolicy {

@@ -8,7 +8,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::StatusCode;
 
-use crate::cache::entry::{vary_of, vary_values, Vary, VaryValues, MAX_ENTRY_OBJECTS};
+use crate::cache::entry::{
+    owned_headers, vary_of, vary_values, Vary, VaryValues, MAX_ENTRY_OBJECTS,
+};
 use crate::cache::{CacheKey, CachedResponse, Freshness, ReadTicket, Store};
 use crate::graph::members::members_of;
 use crate::graph::routes::{CachePolicy, ObjectId};
@@ -217,20 +219,6 @@ fn entry_policy(route: CachePolicy, members_unindexed: bool) -> CachePolicy {
     } else {
         route
     }
-}
-
-/// A copy of `headers` whose values own their bytes: values parsed by hyper
-/// are slices of the connection's read buffer, which a stored entry would
-/// otherwise keep alive whole.
-fn owned_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut owned = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let mut copy = http::HeaderValue::from_bytes(value.as_bytes())
-            .expect("a header value's bytes are a valid header value");
-        copy.set_sensitive(value.is_sensitive());
-        owned.append(name.clone(), copy);
-    }
-    owned
 }
 
 /// A 200 head that may be stored: no cookies, no content encoding.
