@@ -178,10 +178,12 @@ fn workload(seed: u64, ops: usize) -> Vec<Vec<Op>> {
 struct Log {
     /// Per object, the end times of completed writes.
     writes: HashMap<String, Vec<Instant>>,
-    /// (start, read, shown versions)
-    reads: Vec<(Instant, Read, Vec<(String, u64)>)>,
+    reads: Vec<Observed>,
     errors: usize,
 }
+
+/// One client read: when it started, what it asked, the versions it saw.
+type Observed = (Instant, Read, Vec<(String, u64)>);
 
 /// The versions an answer shows, by object.
 fn shown(target: &Target, body: &Value) -> Vec<(String, u64)> {
