@@ -51,6 +51,7 @@ pub mod default {
     pub const QUOTA_TTL_MAX: u64 = 300;
     pub const USAGE_LABEL_LIMIT: u64 = 100;
     pub const REWRITE_PAGING_LINKS: bool = true;
+    pub const ASYNC_POLL_INTERVAL: u64 = 5;
 }
 
 /// Command line. The flag names are a contract with users: keep them.
@@ -141,6 +142,7 @@ pub struct RawConfig {
     quota_ttl_max: Option<u64>,
     usage_label_limit: Option<u64>,
     rewrite_paging_links: Option<bool>,
+    async_poll_interval: Option<u64>,
     upstream_ca_file: Option<PathBuf>,
     #[serde(default)]
     route: Vec<RawRoute>,
@@ -194,6 +196,9 @@ pub struct Config {
     pub throttle: ThrottleSettings,
     /// Point `paging.next`/`previous` links in answers back at graphcache.
     pub rewrite_paging_links: bool,
+    /// How long the status of a running async job (a request set, a report
+    /// run) is served from the cache: polls within it share one call.
+    pub async_poll_interval: Duration,
     /// Extra roots trusted for the upstream's TLS certificate, besides the
     /// WebPKI roots (a private upstream, a test double).
     pub upstream_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -521,6 +526,10 @@ impl RawConfig {
             rewrite_paging_links: self
                 .rewrite_paging_links
                 .unwrap_or(default::REWRITE_PAGING_LINKS),
+            async_poll_interval: Duration::from_secs(
+                self.async_poll_interval
+                    .unwrap_or(default::ASYNC_POLL_INTERVAL),
+            ),
             throttle,
             coalesce: CoalesceSettings {
                 enabled: self.coalesce.unwrap_or(default::COALESCE),
@@ -713,6 +722,7 @@ impl Config {
                 "rewrite_paging_links",
                 Value::Boolean(self.rewrite_paging_links),
             ),
+            ("async_poll_interval", secs(self.async_poll_interval)),
         ];
         let origin = |key: &str| self.origins.get(key).copied().unwrap_or("default");
         let mut out = String::new();
@@ -822,6 +832,7 @@ impl Config {
             ("header_read_timeout", self.header_read_timeout, MAX_TIMEOUT),
             ("shutdown_grace", self.shutdown_grace, MAX_TIMEOUT),
             ("write_slot_wait", self.write_slot_wait, MAX_TIMEOUT),
+            ("async_poll_interval", self.async_poll_interval, MAX_TTL),
             ("coalesce_wait", self.coalesce.wait, MAX_TIMEOUT),
             ("throttle_backoff", self.throttle.backoff, MAX_TIMEOUT),
             ("batch_window_ms", self.packing.window, MAX_TIMEOUT),
@@ -940,10 +951,42 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_recommended_routes_are_valid_when_uncommented() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/graphcache.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (_, recommended) = text.split_once("# Recommended rules.").unwrap();
+        let rules: String = recommended
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                ["[[route]]", "match =", "fresh_ttl =", "cache ="]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let (_g, file_path) = file(&rules);
+        let cli = Cli {
+            config: Some(file_path),
+            ..Cli::default()
+        };
+        let c = load(cli, &[]).unwrap();
+        assert_eq!(c.routes.rules.len(), 5, "{rules}");
+        let ttl = |path: &str| c.routes.policy_for(path).fresh_ttl.as_secs();
+        assert_eq!(ttl("/v26.0/act_1/insights"), 900);
+        assert_eq!(ttl("/v26.0/6001/insights"), 900);
+        assert_eq!(ttl("/v26.0/act_1"), 300);
+        assert_eq!(ttl("/v26.0/act_1/ads/"), 60);
+        assert_eq!(ttl("/v26.0/555"), 60);
+        assert!(!c.routes.policy_for("/v26.0/me/adaccounts").cache);
+    }
+
+    #[test]
     fn the_shipped_config_file_is_valid_and_documents_every_key() {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/graphcache.toml");
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(keys().len(), 35);
+        assert_eq!(keys().len(), 36);
+        assert!(keys().contains(&"async_poll_interval"));
         assert!(keys().contains(&"route") && keys().contains(&"upstream_ca_file"));
         for key in keys() {
             assert!(

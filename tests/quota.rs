@@ -17,16 +17,7 @@ fn fresh(seconds: u64) -> impl FnOnce(&mut graphcache::Config) {
 }
 
 async fn write(h: &Harness, path: &str) -> support::Reply {
-    let reply = h
-        .send(
-            Method::POST,
-            &format!("{path}?{TOKEN}"),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            "name=changed",
-        )
-        .await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    reply
+    write_to(h, path, "name=changed").await
 }
 
 #[tokio::test]
@@ -119,4 +110,124 @@ async fn a_listing_showing_more_objects_than_an_entry_may_carry_is_always_revali
     let after = h.get(&target).await;
     assert_eq!(after.status, 200);
     assert_eq!(after.json()["data"][149]["version"], 1);
+}
+
+// === async jobs: final results are kept, running statuses are polls ===
+
+async fn create(h: &Harness, edge: &str, field: &str) -> String {
+    let reply = write_to(h, &format!("/v26.0/act_1/{edge}"), "name=job").await;
+    reply.json()[field]
+        .as_str()
+        .expect("the reply names the job")
+        .to_owned()
+}
+
+async fn write_to(h: &Harness, path: &str, body: &str) -> support::Reply {
+    let reply = h
+        .send(
+            Method::POST,
+            &format!("{path}?{TOKEN}"),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            body,
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply
+}
+
+#[tokio::test]
+async fn a_finished_request_set_and_its_results_are_kept_without_revalidation() {
+    // The defaults: fresh_ttl = 0, every other read is revalidated.
+    let h = Harness::start().await;
+    let set = create(&h, "async_batch_requests", "id").await;
+    let status = format!("/v26.0/{set}?fields=is_completed&{TOKEN}");
+    let results = format!("/v26.0/{set}/requests?fields=id,status,result&{TOKEN}");
+
+    // Running: polls within async_poll_interval share one Graph call.
+    let first = h.get(&status).await;
+    assert!(first.is_miss());
+    assert_eq!(first.json()["is_completed"], false);
+    let reads = h.mock.reads();
+    assert_eq!(h.get(&status).await.cache_status(), "graphcache; hit");
+    assert_eq!(h.mock.reads(), reads);
+    // Its results change while it runs: revalidated on every read.
+    assert!(h.get(&results).await.is_miss());
+    let again = h.get(&results).await;
+    assert_eq!(
+        again.cache().fwd_status,
+        Some(304),
+        "{}",
+        again.cache_status()
+    );
+
+    // Graph finishes it; a poll that asks Graph learns so.
+    h.mock.finish_job(&set);
+    let done = h.get_with(&status, &[("cache-control", "no-cache")]).await;
+    assert_eq!(done.json()["is_completed"], true);
+    let fetched = h.get(&results).await;
+    assert_eq!(fetched.json()["data"][0]["status"], "SUCCESS");
+    // Final now: served from memory with no call, though fresh_ttl = 0.
+    let reads = h.mock.reads();
+    for _ in 0..3 {
+        let reply = h.get(&results).await;
+        assert_eq!(reply.cache_status(), "graphcache; hit");
+        assert_eq!(reply.json()["data"][0]["result"]["id"], "9001");
+    }
+    assert_eq!(h.mock.reads(), reads);
+}
+
+#[tokio::test]
+async fn a_completed_report_run_keeps_its_insights() {
+    let h = Harness::start().await;
+    let run = create(&h, "insights", "report_run_id").await;
+    let status = format!("/v26.0/{run}?{TOKEN}");
+    let insights = format!("/v26.0/{run}/insights?{TOKEN}");
+    assert_eq!(h.get(&status).await.json()["async_status"], "Job Running");
+    assert_eq!(h.get(&status).await.cache_status(), "graphcache; hit");
+    // Not ready: Graph's error, not stored.
+    let early = h.get(&insights).await;
+    assert_eq!(early.status, 400);
+    assert!(!early.cache().stored);
+
+    h.mock.finish_job(&run);
+    let done = h.get_with(&status, &[("cache-control", "no-cache")]).await;
+    assert_eq!(done.json()["async_status"], "Job Completed");
+    assert!(h.get(&insights).await.is_miss());
+    let reads = h.mock.reads();
+    let kept = h.get(&insights).await;
+    assert_eq!(kept.cache_status(), "graphcache; hit");
+    assert_eq!(kept.json()["data"][0]["spend"], "12.50");
+    assert_eq!(h.mock.reads(), reads);
+}
+
+#[tokio::test]
+async fn a_job_created_elsewhere_is_learnt_from_its_status_reads() {
+    let h = Harness::start().await;
+    // Created straight at Graph (another process, Ads Manager).
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let request = http::Request::post(format!("{}/v26.0/act_1/insights?{TOKEN}", h.mock.url()))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let reply = client.request(request).await.unwrap();
+    let body = http_body_util::BodyExt::collect(reply.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let run = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["report_run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let status = format!("/v26.0/{run}?{TOKEN}");
+    // Unknown at first: the route's policy (fresh_ttl 0), so the second
+    // read asks Graph and then knows it runs; the third is a poll hit.
+    assert!(h.get(&status).await.is_miss());
+    assert_eq!(h.get(&status).await.cache().fwd_status, Some(304));
+    assert_eq!(h.get(&status).await.cache_status(), "graphcache; hit");
+    h.mock.finish_job(&run);
+    let done = h.get_with(&status, &[("cache-control", "no-cache")]).await;
+    assert_eq!(done.json()["async_status"], "Job Completed");
+    let insights = format!("/v26.0/{run}/insights?{TOKEN}");
+    assert!(h.get(&insights).await.is_miss());
+    assert_eq!(h.get(&insights).await.cache_status(), "graphcache; hit");
 }

@@ -3,6 +3,7 @@
 //! headers and paging links (contract: `../shared/graph-api.md`).
 
 pub mod batch;
+pub mod jobs;
 pub mod members;
 pub mod paging;
 pub mod query;

@@ -28,7 +28,7 @@ use crate::metrics::Outcome;
 use crate::proxy::classify::BatchRequest;
 use crate::proxy::lookup::{Lookup, ReadKey};
 use crate::proxy::respond::{whole_answer, CacheStatus, Detail, Fwd, Handled};
-use crate::proxy::settle::{Cacheable, Settled};
+use crate::proxy::settle::{job_status_of, Cacheable, Settled};
 use crate::proxy::Proxy;
 use crate::ratelimit::Subject;
 use crate::upstream::request::{self, forward_headers, Exchange, FORM};
@@ -117,7 +117,9 @@ impl Proxy {
                 plans.push(Plan::Write);
                 continue;
             }
-            let policy = routes.policy_for(&path);
+            let policy =
+                self.jobs
+                    .policy(&path, routes.policy_for(&path), config.async_poll_interval);
             let identity = match identity {
                 Some(identity) if *standalone && !control.no_store && policy.cache => identity,
                 _ => {
@@ -172,6 +174,7 @@ impl Proxy {
                         validated: validator.is_some(),
                         entry,
                         vary_basis: head.headers.clone(),
+                        status_of: job_status_of(&path),
                     })));
                 }
             }

@@ -147,7 +147,12 @@ impl Proxy {
             match read_get_body(body, config.header_read_timeout).await? {
                 GetBody::Some(bytes) => Kind::Bypass(Some(bytes)),
                 GetBody::Nothing => {
-                    let policy = config.routes.policy_for(parts.uri.path());
+                    let path = parts.uri.path();
+                    let policy = self.jobs.policy(
+                        path,
+                        config.routes.policy_for(path),
+                        config.async_poll_interval,
+                    );
                     if control.no_store || !policy.cache || query.contains("callback") {
                         Kind::Bypass(None)
                     } else {

@@ -35,6 +35,7 @@ mod batch;
 mod bypass;
 mod classify;
 mod detached;
+mod jobs;
 mod lookup;
 mod read;
 mod respond;
@@ -69,6 +70,8 @@ pub struct Proxy {
     /// Writes and client batches detached from their client's connection:
     /// shutdown waits for them, and their number is bounded.
     pub(crate) detached: detached::Detached,
+    /// Async jobs learnt from Graph's answers (finished ones are final).
+    pub(crate) jobs: jobs::Jobs,
 }
 
 impl Proxy {
@@ -88,6 +91,7 @@ impl Proxy {
         );
         Self {
             detached: detached::Detached::new(config.max_connections),
+            jobs: jobs::Jobs::new(),
             body_budget: Arc::new(tokio::sync::Semaphore::new(config.max_buffered_bytes)),
             paging: PagingRewriter::new(&config.upstream),
             flights: Flights::default(),

@@ -20,7 +20,7 @@ use crate::proxy::lookup::{Lookup, ReadKey};
 use crate::proxy::respond::{
     answer_response, check_encoding, serve_entry, CacheStatus, Detail, Fwd, Handled,
 };
-use crate::proxy::settle::{Cacheable, Settled, VaryCheck};
+use crate::proxy::settle::{job_status_of, Cacheable, Settled, VaryCheck};
 use crate::proxy::{GaugeGuard, Proxy};
 use crate::ratelimit::Subject;
 use crate::upstream::packer::{GroupKey, UpstreamGet};
@@ -128,6 +128,7 @@ impl Proxy {
             validated: validator.is_some(),
             entry,
             vary_basis: parts.headers.clone(),
+            status_of: job_status_of(path),
         };
         let get = self.upstream_get(request, identity, validator);
         let (outcome, joined) = self.fetch(cacheable, fwd, get).await?;

@@ -12,6 +12,7 @@ use crate::cache::entry::{
     owned_headers, vary_of, vary_values, Vary, VaryValues, MAX_ENTRY_OBJECTS,
 };
 use crate::cache::{CacheKey, CachedResponse, Freshness, ReadTicket, Store};
+use crate::graph::jobs::{job_read, job_state, JobRead};
 use crate::graph::members::members_of;
 use crate::graph::routes::{CachePolicy, ObjectId};
 use crate::headers::{is_encoded, strip_per_call};
@@ -30,6 +31,17 @@ pub(crate) struct Cacheable {
     pub validated: bool,
     /// The request headers the answer's `Vary` is judged against.
     pub vary_basis: HeaderMap,
+    /// The node, when this reads a bare node that may be an async job's
+    /// status: its answer says whether the job finished.
+    pub status_of: Option<ObjectId>,
+}
+
+/// The node of a read that could be an async job's status (`GET /<id>`).
+pub(crate) fn job_status_of(path: &str) -> Option<ObjectId> {
+    match job_read(path) {
+        Some((node, JobRead::Status)) => ObjectId::parse(node),
+        _ => None,
+    }
 }
 
 impl Cacheable {
@@ -95,6 +107,11 @@ impl Proxy {
     /// token); a storable 200 replaces it.
     pub(crate) async fn settle(&self, cacheable: &Cacheable, answer: &Answer) -> Settled {
         let status = answer.status;
+        if let (StatusCode::OK, Some(id)) = (status, &cacheable.status_of) {
+            if let Some(state) = job_state(&answer.body) {
+                self.jobs.learn(id.clone(), state);
+            }
+        }
         if status == StatusCode::NOT_MODIFIED && cacheable.validated {
             if let Some(entry) = &cacheable.entry {
                 let mut refreshed = entry.revalidated(&answer.headers);

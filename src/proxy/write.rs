@@ -8,6 +8,10 @@ use std::time::Duration;
 use crate::cache::WriteScope;
 use crate::error::ProxyError;
 use crate::metrics::Outcome;
+use http::Response;
+
+use crate::body::ResponseBody;
+use crate::graph::jobs::{created_job, creates_job, JobState};
 use crate::proxy::bypass::Peek;
 use crate::proxy::classify::{Budget, Request};
 use crate::proxy::respond::{check_encoding, relay, CacheStatus, Fwd, Handled};
@@ -94,8 +98,22 @@ impl Proxy {
             other => other,
         })?;
         check_encoding(&parts.headers, response.headers())?;
+        self.learn_created_job(parts.uri.path(), &response);
         let status = CacheStatus::forward(Fwd::Method, response.status().as_u16());
         Ok(relay(parts, response, status, outcome))
+    }
+
+    /// A write that creates an async job (a request set, a report run)
+    /// names it in its reply: from now on its status reads are polls.
+    fn learn_created_job(&self, path: &str, response: &Response<ResponseBody>) {
+        if !response.status().is_success() || !creates_job(path) {
+            return;
+        }
+        if let ResponseBody::Full(Some(reply)) = response.body() {
+            if let Some(id) = created_job(&reply[..]) {
+                self.jobs.learn(id, JobState::Running);
+            }
+        }
     }
 
     /// Drops what a write (that succeeded, or may have) changed, and counts it.

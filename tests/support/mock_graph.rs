@@ -108,6 +108,16 @@ struct State {
     /// Edges with real members (`act_1/ads` → ad ids): a listing shows each
     /// member's current version, as Graph's listings show current fields.
     members: Mutex<HashMap<String, Vec<String>>>,
+    /// Async jobs created by writes: id → (kind, finished).
+    jobs: Mutex<HashMap<String, (JobKind, bool)>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobKind {
+    /// `act_<id>/async_batch_requests` or `asyncadrequestsets`.
+    RequestSet,
+    /// A POST to `act_<id>/insights`.
+    ReportRun,
 }
 
 /// Handle to a running mock Graph server.
@@ -173,6 +183,7 @@ impl MockGraph {
             throttling: Mutex::new(None),
             tag_answers: Default::default(),
             members: Mutex::default(),
+            jobs: Mutex::default(),
         });
         let serve_state = state.clone();
         tokio::spawn(async move {
@@ -288,6 +299,14 @@ impl MockGraph {
             format!("{}/{edge}", node.trim_start_matches("act_")),
             ids.iter().map(|id| (*id).to_owned()).collect(),
         );
+    }
+
+    /// Finishes async job `id` (a request set or a report run), as Graph
+    /// does once it has worked through it.
+    pub fn finish_job(&self, id: &str) {
+        if let Some(job) = self.state.jobs.lock().unwrap().get_mut(id) {
+            job.1 = true;
+        }
     }
 
     /// Changes object `id` as a write would: its bodies and ETags change.
@@ -745,6 +764,26 @@ fn write(
         );
     }
     let form: HashMap<String, String> = form_urlencoded::parse(body).into_owned().collect();
+    // Creating an async job: the reply names it.
+    let kind = match (segments.first(), segments.get(1)) {
+        (Some(node), Some(&"async_batch_requests" | &"asyncadrequestsets"))
+            if node.starts_with("act_") =>
+        {
+            Some(JobKind::RequestSet)
+        }
+        (Some(node), Some(&"insights")) if node.starts_with("act_") => Some(JobKind::ReportRun),
+        _ => None,
+    };
+    if let Some(kind) = kind {
+        let mut jobs = state.jobs.lock().unwrap();
+        let id = format!("{}", 60_000 + jobs.len());
+        jobs.insert(id.clone(), (kind, false));
+        let reply = match kind {
+            JobKind::RequestSet => json!({"id": id}),
+            JobKind::ReportRun => json!({"report_run_id": id}),
+        };
+        return json_response(StatusCode::OK, reply, &HeaderMap::new(), "");
+    }
     let mut versions = state.versions.lock().unwrap();
     if let Some(node) = segments.first() {
         *versions
@@ -790,7 +829,38 @@ fn read(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let mut extra = HeaderMap::new();
+    let job = state.jobs.lock().unwrap().get(node).copied();
     let body = match (node, segments.get(1)) {
+        (node, edge) if job.is_some() => {
+            let (kind, done) = job.unwrap();
+            match (kind, edge.copied()) {
+                (JobKind::RequestSet, None) => json!({
+                    "id": node, "name": "set", "is_completed": done,
+                    "total_count": 1, "success_count": if done { 1 } else { 0 },
+                }),
+                (JobKind::ReportRun, None) => json!({
+                    "id": node,
+                    "async_status": if done { "Job Completed" } else { "Job Running" },
+                    "async_percent_completion": if done { 100 } else { 40 },
+                }),
+                (JobKind::RequestSet, Some("requests")) => json!({"data": [{
+                    "id": format!("{node}1"),
+                    "status": if done { "SUCCESS" } else { "IN_PROGRESS" },
+                    "result": if done { json!({"id": "9001"}) } else { Value::Null },
+                }]}),
+                (JobKind::ReportRun, Some("insights")) if done => json!({"data": [
+                    {"impressions": "1000", "spend": "12.50", "date_start": "2026-11-01"}
+                ]}),
+                _ => {
+                    return envelope(
+                        StatusCode::BAD_REQUEST,
+                        2601,
+                        "Report not ready",
+                        "OAuthException",
+                    )
+                }
+            }
+        }
         ("missing", _) => {
             return envelope(
                 StatusCode::BAD_REQUEST,
