@@ -28,6 +28,9 @@ pub const AD_ACCOUNT_USAGE: &str = "graphcache_graph_ad_account_usage_ratio";
 pub const AD_ACCOUNT_RESET: &str = "graphcache_graph_ad_account_reset_seconds";
 pub const BUSINESS_USAGE: &str = "graphcache_graph_business_usage_ratio";
 pub const BUSINESS_REGAIN: &str = "graphcache_graph_business_regain_access_seconds";
+pub const INSIGHTS_ACCOUNT_THROTTLE: &str = "graphcache_graph_insights_account_throttle_ratio";
+pub const PAGE_USAGE: &str = "graphcache_graph_page_usage_ratio";
+pub const ACCESS_TIER: &str = "graphcache_graph_ads_api_access_tier_info";
 pub const INSIGHTS_THROTTLE: &str = "graphcache_graph_insights_throttle_ratio";
 pub const USAGE_LAST_SEEN: &str = "graphcache_graph_usage_last_seen_timestamp_seconds";
 pub const USAGE_PARSE_ERRORS: &str = "graphcache_graph_usage_parse_errors_total";
@@ -47,6 +50,10 @@ pub struct UsageMetrics {
     pub business_usage: GaugeVec,
     pub business_regain: GaugeVec,
     pub insights_throttle: GaugeVec,
+    pub insights_account: GaugeVec,
+    pub page_usage: GaugeVec,
+    /// 1 for the access tier Graph named last, 0 for the others seen.
+    access_tier: GaugeVec,
     pub last_seen: GaugeVec,
     pub parse_errors: IntCounterVec,
     pub labels_folded: IntCounter,
@@ -65,6 +72,30 @@ pub struct AvoidedCalls {
 }
 
 impl UsageMetrics {
+    /// Marks `tier` as the access tier now; a tier is a short enum, but an
+    /// odd value is cut so a header cannot mint long labels.
+    pub fn set_access_tier(&self, tier: &str) {
+        let tier: String = tier
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .take(32)
+            .collect();
+        if self.access_tier.with_label_values(&[&tier]).get() == 1.0 {
+            return;
+        }
+        // At most a handful of tiers exist: reset the others.
+        for family in prometheus::core::Collector::collect(&self.access_tier) {
+            for metric in family.get_metric() {
+                if let Some(label) = metric.get_label().first() {
+                    self.access_tier
+                        .with_label_values(&[label.value()])
+                        .set(0.0);
+                }
+            }
+        }
+        self.access_tier.with_label_values(&[&tier]).set(1.0);
+    }
+
     fn new() -> Self {
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             GaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
@@ -92,6 +123,9 @@ impl UsageMetrics {
                 &["business_id", "type"],
             ),
             insights_throttle: gauge(INSIGHTS_THROTTLE, "X-FB-Ads-Insights-Throttle: utilisation, by scope (app, account).", &["scope"]),
+            insights_account: gauge(INSIGHTS_ACCOUNT_THROTTLE, "X-FB-Ads-Insights-Throttle: the ad account's utilisation, by account.", &["account"]),
+            page_usage: gauge(PAGE_USAGE, "X-Page-Usage: share of the page's budget used, by page and metric.", &["page", "metric"]),
+            access_tier: gauge(ACCESS_TIER, "The app's Marketing API access tier (ads_api_access_tier), 1 for the one Graph named last.", &["tier"]),
             last_seen: gauge(USAGE_LAST_SEEN, "When each usage header was last seen (Unix time).", &["header"]),
             parse_errors: IntCounterVec::new(Opts::new(USAGE_PARSE_ERRORS, "Usage headers that could not be read."), &["header"])
                 .expect("valid metric"),
@@ -121,6 +155,9 @@ impl UsageMetrics {
             Box::new(self.business_usage.clone()),
             Box::new(self.business_regain.clone()),
             Box::new(self.insights_throttle.clone()),
+            Box::new(self.insights_account.clone()),
+            Box::new(self.page_usage.clone()),
+            Box::new(self.access_tier.clone()),
             Box::new(self.last_seen.clone()),
             Box::new(self.parse_errors.clone()),
             Box::new(self.labels_folded.clone()),

@@ -48,6 +48,23 @@ async fn usage_headers_become_gauges() {
             .await
             > 1.7e9
     );
+    // The insights throttle per account, and the access tier (the header
+    // read last names development_access).
+    assert_eq!(
+        h.metric("graphcache_graph_insights_account_throttle_ratio{account=\"66782684\"}")
+            .await,
+        0.12
+    );
+    assert_eq!(
+        h.metric("graphcache_graph_ads_api_access_tier_info{tier=\"development_access\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        h.metric("graphcache_graph_ads_api_access_tier_info{tier=\"standard_access\"}")
+            .await,
+        0.0
+    );
 
     // Account 66782684 reported 97 %: its reads are now under pressure.
     let pressured = h
@@ -379,4 +396,31 @@ async fn a_user_level_limit_protects_only_that_callers_reads() {
     let b = h.get("/v26.0/act_3/ads?access_token=EAAtokenB").await;
     assert_eq!(b.status, 200);
     assert_eq!(h.mock.requests(), calls + 1);
+}
+
+#[tokio::test]
+async fn page_usage_is_exported_per_page() {
+    let h = Harness::start().await;
+    h.mock.set_usage(&[(
+        "x-page-usage",
+        r#"{"call_count":12,"total_time":7,"total_cputime":3}"#,
+    )]);
+    assert_eq!(
+        h.get("/v26.0/4401?access_token=EAAtokenA").await.status,
+        200
+    );
+    for (metric, value) in [
+        ("call_count", 0.12),
+        ("total_time", 0.07),
+        ("total_cputime", 0.03),
+    ] {
+        let sample =
+            format!("graphcache_graph_page_usage_ratio{{metric=\"{metric}\",page=\"4401\"}}");
+        assert_eq!(h.metric(&sample).await, value, "{sample}");
+    }
+    assert!(
+        h.metric("graphcache_graph_usage_last_seen_timestamp_seconds{header=\"x-page-usage\"}")
+            .await
+            > 1.7e9
+    );
 }

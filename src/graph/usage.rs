@@ -11,13 +11,16 @@ pub const APP_USAGE: &str = "x-app-usage";
 pub const AD_ACCOUNT_USAGE: &str = "x-ad-account-usage";
 pub const BUSINESS_USAGE: &str = "x-business-use-case-usage";
 pub const INSIGHTS_THROTTLE: &str = "x-fb-ads-insights-throttle";
+/// The legacy Pages header: X-App-Usage's three fields, about the page.
+pub const PAGE_USAGE: &str = "x-page-usage";
 
 /// The usage headers graphcache reads, in a fixed order (metric labels).
-pub const HEADERS: [&str; 4] = [
+pub const HEADERS: [&str; 5] = [
     APP_USAGE,
     AD_ACCOUNT_USAGE,
     BUSINESS_USAGE,
     INSIGHTS_THROTTLE,
+    PAGE_USAGE,
 ];
 
 /// `X-App-Usage`: percentages of the app's hourly budget.
@@ -56,10 +59,11 @@ pub struct BusinessUseCase {
 pub struct BusinessUsage(pub Vec<(String, Vec<BusinessUseCase>)>);
 
 /// `X-FB-Ads-Insights-Throttle`.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 pub struct InsightsThrottle {
     pub app_id_util_pct: Option<f64>,
     pub acc_id_util_pct: Option<f64>,
+    pub ads_api_access_tier: Option<String>,
 }
 
 impl<'de> Deserialize<'de> for BusinessUsage {
@@ -132,6 +136,10 @@ pub fn parse_business(value: &[u8]) -> Result<BusinessUsage, UsageError> {
 
 pub fn parse_insights(value: &[u8]) -> Result<InsightsThrottle, UsageError> {
     parse(INSIGHTS_THROTTLE, value)
+}
+
+pub fn parse_page(value: &[u8]) -> Result<AppUsage, UsageError> {
+    parse(PAGE_USAGE, value)
 }
 
 /// Graph's throttling error codes (contract §3.2).

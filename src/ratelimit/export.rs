@@ -71,6 +71,23 @@ impl RateLimits {
                 Reading::Insights { scope, ratio } => {
                     m.insights_throttle.with_label_values(&[scope]).set(*ratio);
                 }
+                Reading::InsightsAccount { ratio } => {
+                    let label = subject
+                        .account
+                        .as_ref()
+                        .map_or_else(|| "unknown".to_owned(), |o| label_of(o.as_str()));
+                    m.insights_account.with_label_values(&[&label]).set(*ratio);
+                }
+                Reading::Page { metric, ratio } => {
+                    let label = subject
+                        .nodes
+                        .first()
+                        .map_or_else(|| "unknown".to_owned(), |o| label_of(o.as_str()));
+                    m.page_usage
+                        .with_label_values(&[label.as_str(), metric])
+                        .set(*ratio);
+                }
+                Reading::AccessTier(tier) => m.set_access_tier(tier),
             }
         }
         for (header, error) in &observations.errors {

@@ -34,6 +34,13 @@ pub enum Reading {
     },
     /// `X-FB-Ads-Insights-Throttle`, for the app or the account.
     Insights { scope: &'static str, ratio: f64 },
+    /// `X-FB-Ads-Insights-Throttle`'s account share, about the subject's
+    /// ad account.
+    InsightsAccount { ratio: f64 },
+    /// `X-Page-Usage`, about the subject's node (the page).
+    Page { metric: &'static str, ratio: f64 },
+    /// The app's Marketing API access tier, as a usage header names it.
+    AccessTier(String),
 }
 
 /// A scope's new usage ratio, and how long it is blocked if it is.
@@ -100,8 +107,22 @@ fn read_header(
                 blocked: None,
             });
         }
+        usage::PAGE_USAGE => {
+            let u = usage::parse_page(value)?;
+            for (metric, v) in metrics(u.call_count, u.total_time, u.total_cputime) {
+                if let Some(v) = v {
+                    out.readings.push(Reading::Page {
+                        metric,
+                        ratio: v / 100.0,
+                    });
+                }
+            }
+        }
         usage::AD_ACCOUNT_USAGE => {
             let u = usage::parse_ad_account(value)?;
+            if let Some(tier) = &u.ads_api_access_tier {
+                out.readings.push(Reading::AccessTier(tier.clone()));
+            }
             out.readings.push(Reading::AdAccount {
                 ratio: u.acc_id_util_pct.map(|v| v / 100.0),
                 reset_seconds: u.reset_time_duration,
@@ -134,6 +155,9 @@ fn read_header(
                             });
                         }
                     }
+                    if let Some(tier) = &e.ads_api_access_tier {
+                        out.readings.push(Reading::AccessTier(tier.clone()));
+                    }
                     let regain = e.estimated_time_to_regain_access.unwrap_or(0.0).max(0.0) * 60.0;
                     out.readings.push(Reading::BusinessRegain {
                         id: bare.to_owned(),
@@ -152,6 +176,9 @@ fn read_header(
         }
         _ => {
             let u = usage::parse_insights(value)?;
+            if let Some(tier) = &u.ads_api_access_tier {
+                out.readings.push(Reading::AccessTier(tier.clone()));
+            }
             if let Some(v) = u.app_id_util_pct {
                 out.readings.push(Reading::Insights {
                     scope: "app",
@@ -168,6 +195,8 @@ fn read_header(
                     scope: "account",
                     ratio: v / 100.0,
                 });
+                out.readings
+                    .push(Reading::InsightsAccount { ratio: v / 100.0 });
                 if let Some(object) = &subject.account {
                     out.scopes.push(ScopeUsage {
                         scope: Scope::Object(object.clone()),
