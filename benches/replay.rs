@@ -5,6 +5,7 @@
 //!
 //!     cargo bench --bench replay                       # 3,000 operations
 //!     REPLAY_OPS=20000 REPLAY_SEED=9 cargo bench --bench replay
+//!     REPLAY_ROUTES=default|recommended cargo bench --bench replay
 //!
 //! The workload (issue 12's): 16 clients at about 200 operations/s; Zipf
 //! reads over 76 objects (70 ads, 6 ad accounts, whose node or `ads` listing
@@ -336,6 +337,33 @@ fn analyse(log: &Log, calls: u64) -> Figures {
     }
 }
 
+/// The recommended `[[route]]` rules shipped commented in
+/// config/graphcache.toml, loaded as graphcache would load them.
+fn recommended_routes() -> graphcache::routes::RoutePolicies {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("config/graphcache.toml")).unwrap();
+    let (_, recommended) = text.split_once("# Recommended rules.").unwrap();
+    let rules: String = recommended
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| {
+            ["[[route]]", "match =", "fresh_ttl =", "cache ="]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let file = std::env::temp_dir().join(format!("graphcache-replay-{}.toml", std::process::id()));
+    std::fs::write(&file, rules).unwrap();
+    let cli = graphcache::Cli {
+        config: Some(file.clone()),
+        ..graphcache::Cli::default()
+    };
+    let config = graphcache::Config::load(&cli, std::iter::empty()).unwrap();
+    let _ = std::fs::remove_file(file);
+    config.routes
+}
+
 fn main() {
     let ops: usize = std::env::var("REPLAY_OPS")
         .ok()
@@ -350,12 +378,19 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async move {
+        let routes = std::env::var("REPLAY_ROUTES").unwrap_or_else(|_| "ttl60".to_owned());
         let h = Arc::new(
-            Harness::with(|c| {
-                c.routes.default.fresh_ttl = Duration::from_secs(60);
+            Harness::with(|c| match routes.as_str() {
+                // graphcache's defaults: every read revalidated.
+                "default" => {}
+                // The recommended rules of config/graphcache.toml, uncommented.
+                "recommended" => c.routes = recommended_routes(),
+                // Issue 12's workload: every route fresh for 60 s.
+                _ => c.routes.default.fresh_ttl = Duration::from_secs(60),
             })
             .await,
         );
+        println!("routes: {routes}");
         for n in 0..ACCOUNTS {
             let ids = members(n);
             let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
@@ -399,6 +434,7 @@ fn main() {
             figures.stale, figures.errors
         );
         let json = json!({
+            "routes": std::env::var("REPLAY_ROUTES").unwrap_or_else(|_| "ttl60".to_owned()),
             "seed": seed, "operations": ops, "client_reads": figures.reads,
             "graph_read_calls": figures.calls, "never_stale_minimum": figures.minimum,
             "ratio": figures.calls as f64 / figures.minimum as f64,
