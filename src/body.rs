@@ -32,7 +32,8 @@ pub enum ResponseBody {
 }
 
 /// What an upstream body streamed to a client carries: the exchange's
-/// deadline (a body that hangs or drips past `upstream_timeout` is cut off,
+/// deadline (a body the upstream has not finished sending by
+/// `upstream_timeout` after the request went out is cut off,
 /// which the client sees as a truncated message, never a complete one) and
 /// the exchange's in-flight count, which ends when the stream does.
 #[derive(Debug)]
@@ -88,12 +89,18 @@ impl Body for ResponseBody {
                 if let Some(bytes) = prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(bytes))));
                 }
-                if let Some(guard) = guard {
-                    if guard.deadline.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Some(Err(RelayDeadline.into())));
+                // Data already here is passed on whatever the time: only
+                // waiting on the upstream counts against the deadline, not
+                // a slow client's download.
+                let frame = Pin::new(rest).poll_frame(cx).map_err(Into::into);
+                if frame.is_pending() {
+                    if let Some(guard) = guard {
+                        if guard.deadline.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Some(Err(RelayDeadline.into())));
+                        }
                     }
                 }
-                Pin::new(rest).poll_frame(cx).map_err(Into::into)
+                frame
             }
         }
     }

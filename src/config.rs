@@ -979,6 +979,7 @@ mod tests {
         assert_eq!(ttl("/v26.0/act_1/ads/"), 60);
         assert_eq!(ttl("/v26.0/555"), 60);
         assert!(!c.routes.policy_for("/v26.0/me/adaccounts").cache);
+        assert!(!c.routes.policy_for("/v26.0/me").cache);
     }
 
     #[test]

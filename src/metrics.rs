@@ -54,6 +54,7 @@ pub struct UsageMetrics {
     pub page_usage: GaugeVec,
     /// 1 for the access tier Graph named last, 0 for the others seen.
     access_tier: GaugeVec,
+    access_tier_lock: std::sync::Mutex<()>,
     pub last_seen: GaugeVec,
     pub parse_errors: IntCounterVec,
     pub labels_folded: IntCounter,
@@ -72,28 +73,34 @@ pub struct AvoidedCalls {
 }
 
 impl UsageMetrics {
-    /// Marks `tier` as the access tier now; a tier is a short enum, but an
-    /// odd value is cut so a header cannot mint long labels.
+    /// Marks `tier` as the access tier now. Only Graph's documented tiers
+    /// become labels (anything else is `other`), so a header cannot mint
+    /// series; the lock keeps exactly one at 1.
     pub fn set_access_tier(&self, tier: &str) {
-        let tier: String = tier
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .take(32)
-            .collect();
-        if self.access_tier.with_label_values(&[&tier]).get() == 1.0 {
+        const TIERS: [&str; 4] = [
+            "development_access",
+            "standard_access",
+            "advanced_access",
+            "other",
+        ];
+        let tier = TIERS[..3]
+            .iter()
+            .find(|t| **t == tier)
+            .copied()
+            .unwrap_or("other");
+        if self.access_tier.with_label_values(&[tier]).get() == 1.0 {
             return;
         }
-        // At most a handful of tiers exist: reset the others.
-        for family in prometheus::core::Collector::collect(&self.access_tier) {
-            for metric in family.get_metric() {
-                if let Some(label) = metric.get_label().first() {
-                    self.access_tier
-                        .with_label_values(&[label.value()])
-                        .set(0.0);
-                }
+        let _one_at_a_time = self
+            .access_tier_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for other in TIERS {
+            if other != tier && self.access_tier.with_label_values(&[other]).get() != 0.0 {
+                self.access_tier.with_label_values(&[other]).set(0.0);
             }
         }
-        self.access_tier.with_label_values(&[&tier]).set(1.0);
+        self.access_tier.with_label_values(&[tier]).set(1.0);
     }
 
     fn new() -> Self {
@@ -125,6 +132,7 @@ impl UsageMetrics {
             insights_throttle: gauge(INSIGHTS_THROTTLE, "X-FB-Ads-Insights-Throttle: utilisation, by scope (app, account).", &["scope"]),
             insights_account: gauge(INSIGHTS_ACCOUNT_THROTTLE, "X-FB-Ads-Insights-Throttle: the ad account's utilisation, by account.", &["account"]),
             page_usage: gauge(PAGE_USAGE, "X-Page-Usage: share of the page's budget used, by page and metric.", &["page", "metric"]),
+            access_tier_lock: std::sync::Mutex::new(()),
             access_tier: gauge(ACCESS_TIER, "The app's Marketing API access tier (ads_api_access_tier), 1 for the one Graph named last.", &["tier"]),
             last_seen: gauge(USAGE_LAST_SEEN, "When each usage header was last seen (Unix time).", &["header"]),
             parse_errors: IntCounterVec::new(Opts::new(USAGE_PARSE_ERRORS, "Usage headers that could not be read."), &["header"])

@@ -83,6 +83,10 @@ const SERVICE_ENV: [(&str, &str); 4] = [
 struct Kubernetes {
     config: toml::Table,
     docs: Vec<Yaml>,
+    /// `--check-config`'s output for the sidecar as it runs: the image's
+    /// ENV, the container's env and args, the ConfigMap's file, and what a
+    /// Service named graphcache injects.
+    effective: String,
 }
 
 impl Kubernetes {
@@ -91,11 +95,41 @@ impl Kubernetes {
         let text = str_of(
             &Self::kind(&docs, "ConfigMap")["data"]["graphcache.toml"],
             "the ConfigMap's graphcache.toml",
-        );
-        Self {
+        )
+        .to_owned();
+        let mut k8s = Self {
             config: text.parse().expect("the ConfigMap's config is TOML"),
             docs,
+            effective: String::new(),
+        };
+        let mut env: Vec<(String, String)> = dockerfile_env()
+            .into_iter()
+            .filter(|(k, _)| k != "GRAPHCACHE_CONFIG")
+            .collect();
+        for var in k8s.container("graphcache")["env"].as_vec().unwrap() {
+            env.push((
+                str_of(&var["name"], "env name").to_owned(),
+                str_of(&var["value"], "env value").to_owned(),
+            ));
         }
+        env.extend(
+            SERVICE_ENV
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        k8s.effective = check_config(&text, &pairs);
+        k8s
+    }
+
+    /// An effective value, as `--check-config` prints it.
+    fn effective(&self, key: &str) -> String {
+        self.effective
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} = ")))
+            .and_then(|rest| rest.split('#').next())
+            .map(|v| v.trim().trim_matches('"').to_owned())
+            .unwrap_or_else(|| panic!("no effective {key} in {}", self.effective))
     }
 
     fn kind<'a>(docs: &'a [Yaml], kind: &str) -> &'a Yaml {
@@ -118,18 +152,14 @@ impl Kubernetes {
     }
 
     fn port(&self, key: &str) -> u16 {
-        port_of(self.config[key].as_str().unwrap())
+        port_of(&self.effective(key))
     }
 }
 
 #[test]
 fn kubernetes_example_starts_with_its_configmap_beside_a_service_named_graphcache() {
     let k8s = Kubernetes::load();
-    let text = str_of(
-        &Kubernetes::kind(&k8s.docs, "ConfigMap")["data"]["graphcache.toml"],
-        "config",
-    );
-    let out = check_config(text, &SERVICE_ENV);
+    let out = &k8s.effective;
     for (name, _) in SERVICE_ENV {
         assert!(
             out.contains(&format!("# ignored environment variable {name}")),
@@ -148,11 +178,15 @@ fn kubernetes_example_starts_with_its_configmap_beside_a_service_named_graphcach
 fn kubernetes_example_probes_ports_and_limits_are_graphcaches() {
     let k8s = Kubernetes::load();
     let (listen, admin) = (k8s.port("listen"), k8s.port("admin_listen"));
-    // The kubelet and Prometheus reach the pod IP, not loopback.
-    assert!(k8s.config["admin_listen"]
-        .as_str()
-        .unwrap()
-        .starts_with("0.0.0.0:"));
+    // As it runs: the proxy only on the pod's loopback (else anything in
+    // the cluster could use it); the admin port on the pod IP, where the
+    // kubelet and Prometheus come in.
+    assert!(
+        k8s.effective("listen").starts_with("127.0.0.1:"),
+        "{}",
+        k8s.effective
+    );
+    assert!(k8s.effective("admin_listen").starts_with("0.0.0.0:"));
     let sidecar = k8s.container("graphcache");
     let ports: Vec<(&str, i64)> = sidecar["ports"]
         .as_vec()
@@ -189,15 +223,15 @@ fn kubernetes_example_probes_ports_and_limits_are_graphcaches() {
         .iter()
         .any(|e| e["value"].as_str() == Some(format!("http://127.0.0.1:{listen}").as_str())));
 
-    // Memory: the README's rule, 1.3 x cache_max_bytes + 30 MiB.
+    // Memory: the README's rule, 1.3 x cache_max_bytes + 64 MiB.
     let cache = k8s.config["cache_max_bytes"].as_integer().unwrap() as f64;
     let resources = &sidecar["resources"];
     for bound in ["requests", "limits"] {
         assert!(resources[bound]["cpu"].as_str().is_some(), "{bound}.cpu");
         let memory = bytes_of(str_of(&resources[bound]["memory"], "memory")) as f64;
         assert!(
-            memory >= 1.3 * cache + 30.0 * 1048576.0,
-            "{bound}.memory {memory} is below 1.3 x {cache} + 30 MiB"
+            memory >= 1.3 * cache + 64.0 * 1048576.0,
+            "{bound}.memory {memory} is below 1.3 x {cache} + 64 MiB"
         );
     }
     // Non-root (the image's numeric USER), read-only root, no escalation.

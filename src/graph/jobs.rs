@@ -66,25 +66,33 @@ pub fn created_job(reply: &[u8]) -> Option<ObjectId> {
     }
 }
 
-/// Where a status answer says its job stands, or None when it is not a
-/// job's status (no `is_completed`, no `async_status`). A request set is
-/// finished when `is_completed` is true; a report run when `async_status`
-/// is `Job Completed` (`Job Failed` and `Job Skipped` are final too, but
-/// their results are errors, which are never stored anyway).
-pub fn job_state(body: &[u8]) -> Option<JobState> {
+/// Where a status answer of `node` says its job stands, or None when it is
+/// not a job's status. It must have a job's shape, so another object's
+/// field of the same name teaches nothing: its own `id`, and `is_completed`
+/// with `total_count` (a request set) or `async_status` with
+/// `async_percent_completion` (a report run). A request set is finished when
+/// `is_completed` is true; a report run when `async_status` is `Job
+/// Completed` (`Job Failed` and `Job Skipped` are final too, but their
+/// results are errors, which are never stored anyway).
+pub fn job_state(body: &[u8], node: &str) -> Option<JobState> {
     // Cheap test first: most answers are not job statuses.
     let mentions = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
     if !mentions(b"\"is_completed\"") && !mentions(b"\"async_status\"") {
         return None;
     }
     let value: Value = serde_json::from_slice(body).ok()?;
+    if value.get("id").and_then(Value::as_str) != Some(node) {
+        return None;
+    }
     if let Some(done) = value.get("is_completed").and_then(Value::as_bool) {
+        value.get("total_count")?;
         return Some(if done {
             JobState::Finished
         } else {
             JobState::Running
         });
     }
+    value.get("async_percent_completion")?;
     let status = value.get("async_status")?.as_str()?;
     Some(match status {
         "Job Completed" | "Job Failed" | "Job Skipped" => JobState::Finished,
@@ -141,37 +149,34 @@ mod tests {
     #[test]
     fn status_answers_say_where_the_job_stands() {
         use JobState::*;
+        let set = |done: bool| format!(r#"{{"id":"1","is_completed":{done},"total_count":2}}"#);
+        assert_eq!(job_state(set(true).as_bytes(), "1"), Some(Finished));
+        assert_eq!(job_state(set(false).as_bytes(), "1"), Some(Running));
+        let run = |status: &str| {
+            format!(r#"{{"id":"2","async_status":"{status}","async_percent_completion":100}}"#)
+        };
         assert_eq!(
-            job_state(br#"{"id":"1","is_completed":true}"#),
+            job_state(run("Job Completed").as_bytes(), "2"),
             Some(Finished)
         );
+        assert_eq!(job_state(run("Job Running").as_bytes(), "2"), Some(Running));
+        assert_eq!(job_state(run("Job Failed").as_bytes(), "2"), Some(Finished));
+        // Not a job's status: another id, or a field of the name alone.
+        assert_eq!(job_state(set(true).as_bytes(), "9"), None);
+        assert_eq!(job_state(br#"{"id":"1","is_completed":true}"#, "1"), None);
         assert_eq!(
-            job_state(br#"{"id":"1","is_completed":false}"#),
-            Some(Running)
+            job_state(br#"{"id":"2","async_status":"Job Completed"}"#, "2"),
+            None
         );
-        assert_eq!(
-            job_state(
-                br#"{"id":"2","async_status":"Job Completed","async_percent_completion":100}"#
-            ),
-            Some(Finished)
-        );
-        assert_eq!(
-            job_state(br#"{"async_status":"Job Running"}"#),
-            Some(Running)
-        );
-        assert_eq!(
-            job_state(br#"{"async_status":"Job Failed"}"#),
-            Some(Finished)
-        );
-        assert_eq!(job_state(br#"{"id":"3","name":"ad"}"#), None);
-        assert_eq!(job_state(br#"{"is_completed":"#), None);
+        assert_eq!(job_state(br#"{"id":"3","name":"ad"}"#, "3"), None);
+        assert_eq!(job_state(br#"{"is_completed":"#, "1"), None);
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
         #[test]
         fn never_panic(body in proptest::collection::vec(any::<u8>(), 0..256), path in "[a-z0-9_/.]{0,40}") {
-            let _ = job_state(&body);
+            let _ = job_state(&body, "1");
             let _ = created_job(&body);
             let _ = job_read(&path);
             let _ = creates_job(&path);

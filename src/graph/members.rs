@@ -8,13 +8,15 @@ use serde_json::Value;
 
 use crate::graph::routes::ObjectId;
 
-/// How deep into an answer ids are looked for: a listing's members and one
-/// level of objects nested in them (`data[].campaign.id`).
-const MAX_DEPTH: usize = 4;
+/// How deep into an answer ids are looked for, counting every object and
+/// array: enough for two levels of field expansion in a listing
+/// (`data[].adsets{data[].ads{data[].id}}`). Deeper content counts as
+/// objects that could not be indexed.
+const MAX_DEPTH: usize = 10;
 
-/// The objects `body` shows, deduplicated, or `None` when it shows more
-/// than `cap` (the caller then cannot index them all). Bodies that are not a
-/// JSON object show none.
+/// The objects `body` shows, deduplicated, or `None` when it may show more
+/// than `cap` or nests deeper than graphcache looks (the caller then cannot
+/// index them all). Bodies that are not a JSON object show none.
 pub fn members_of(body: &[u8], cap: usize) -> Option<Vec<ObjectId>> {
     if !body.trim_ascii_start().starts_with(b"{") {
         return Some(Vec::new());
@@ -31,7 +33,12 @@ pub fn members_of(body: &[u8], cap: usize) -> Option<Vec<ObjectId>> {
 
 fn collect(value: &Value, depth: usize, found: &mut Vec<ObjectId>, cap: usize) -> Option<()> {
     if depth > MAX_DEPTH {
-        return Some(());
+        // Ids may hide below: say so rather than index part of them.
+        return match value {
+            Value::Object(map) if !map.is_empty() => None,
+            Value::Array(items) if !items.is_empty() => None,
+            _ => Some(()),
+        };
     }
     match value {
         Value::Object(map) => {
@@ -113,6 +120,17 @@ mod tests {
         assert_eq!(ids(r#"{"data":[]}"#), Vec::<String>::new());
         assert_eq!(ids("[1,2]"), Vec::<String>::new());
         assert_eq!(ids("not json"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn two_levels_of_expansion_are_indexed_and_deeper_nesting_is_none() {
+        let body = r#"{"data":[{"id":"1","adsets":{"data":[{"id":"2","ads":{"data":[{"id":"3","creative":{"id":"4"}}]}}]}}]}"#;
+        assert_eq!(ids(body), ["1", "2", "3", "4"]);
+        let mut deep = r#"{"id":"9"}"#.to_owned();
+        for _ in 0..12 {
+            deep = format!(r#"{{"x":{deep}}}"#);
+        }
+        assert!(members_of(deep.as_bytes(), 100).is_none());
     }
 
     #[test]

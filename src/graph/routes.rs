@@ -183,6 +183,14 @@ impl ObjectId {
     }
 }
 
+/// Lookups by `&str` without building an id (the hash of a `Box<str>` is
+/// its `str`'s).
+impl std::borrow::Borrow<str> for ObjectId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 /// The first path segment after the version, as sent (`act_123`).
 pub fn path_node(path: &str) -> Option<&str> {
     split_path(strip_version(path)).next()

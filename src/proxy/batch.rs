@@ -174,7 +174,7 @@ impl Proxy {
                         validated: validator.is_some(),
                         entry,
                         vary_basis: head.headers.clone(),
-                        status_of: job_status_of(&path),
+                        status_of: job_status_of(&path, &query),
                     })));
                 }
             }

@@ -128,7 +128,7 @@ impl Proxy {
             validated: validator.is_some(),
             entry,
             vary_basis: parts.headers.clone(),
-            status_of: job_status_of(path),
+            status_of: job_status_of(path, &request.query),
         };
         let get = self.upstream_get(request, identity, validator);
         let (outcome, joined) = self.fetch(cacheable, fwd, get).await?;

@@ -14,6 +14,7 @@ use crate::cache::entry::{
 use crate::cache::{CacheKey, CachedResponse, Freshness, ReadTicket, Store};
 use crate::graph::jobs::{job_read, job_state, JobRead};
 use crate::graph::members::members_of;
+use crate::graph::query::QueryParams;
 use crate::graph::routes::{CachePolicy, ObjectId};
 use crate::headers::{is_encoded, strip_per_call};
 use crate::proxy::respond::Detail;
@@ -37,7 +38,12 @@ pub(crate) struct Cacheable {
 }
 
 /// The node of a read that could be an async job's status (`GET /<id>`).
-pub(crate) fn job_status_of(path: &str) -> Option<ObjectId> {
+/// A read that renames fields (`fields=x.as(is_completed)`) could dress any
+/// object as a finished job, so it teaches nothing.
+pub(crate) fn job_status_of(path: &str, query: &QueryParams<'_>) -> Option<ObjectId> {
+    if query.get("fields").is_some_and(|f| f.contains(".as(")) {
+        return None;
+    }
     match job_read(path) {
         Some((node, JobRead::Status)) => ObjectId::parse(node),
         _ => None,
@@ -107,9 +113,14 @@ impl Proxy {
     /// token); a storable 200 replaces it.
     pub(crate) async fn settle(&self, cacheable: &Cacheable, answer: &Answer) -> Settled {
         let status = answer.status;
+        let mut policy = cacheable.policy;
         if let (StatusCode::OK, Some(id)) = (status, &cacheable.status_of) {
-            if let Some(state) = job_state(&answer.body) {
+            if let Some(state) = job_state(&answer.body, id.as_str()) {
                 self.jobs.learn(id.clone(), state);
+                // The policy was chosen before this answer said where the
+                // job stands: a running job's status is stored as a poll.
+                let poll = self.config.load().async_poll_interval;
+                policy = self.jobs.poll_policy(state, policy, poll);
             }
         }
         if status == StatusCode::NOT_MODIFIED && cacheable.validated {
@@ -146,7 +157,7 @@ impl Proxy {
             self.store.remove(&cacheable.key).await;
         }
         let vary = VaryCheck::of(&answer.headers, &cacheable.vary_basis);
-        match self.storable_entry(answer, cacheable, &vary) {
+        match self.storable_entry(answer, cacheable, policy, &vary) {
             Ok(entry) => Settled::Relay {
                 stored: self.store.put(cacheable.key, entry, cacheable.ticket).await,
                 detail: None,
@@ -166,11 +177,12 @@ impl Proxy {
         &self,
         answer: &Answer,
         cacheable: &Cacheable,
+        policy: CachePolicy,
         vary: &VaryCheck,
     ) -> Result<CachedResponse, Option<Detail>> {
         if answer.status != StatusCode::OK
             || !storable_head(&answer.headers)
-            || cacheable.policy.retention().is_zero()
+            || policy.retention().is_zero()
             || matches!(vary, VaryCheck::Nobody)
         {
             return Err(None);
@@ -193,7 +205,7 @@ impl Proxy {
             headers,
             Bytes::copy_from_slice(&answer.body),
             etag,
-            entry_policy(cacheable.policy, unindexed),
+            entry_policy(policy, unindexed),
             objects,
         );
         entry.members_unindexed = unindexed;
@@ -265,6 +277,24 @@ fn storable_body(body: &Bytes) -> bool {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn only_plain_node_reads_can_teach_a_job_state() {
+        let q = |s: &'static str| QueryParams::parse(Some(s));
+        let id = |path, query| job_status_of(path, &q(query)).map(|o| o.as_str().to_owned());
+        assert_eq!(
+            id("/v26.0/6001", "fields=is_completed"),
+            Some("6001".to_owned())
+        );
+        assert_eq!(id("/v26.0/6001/", ""), Some("6001".to_owned()));
+        assert_eq!(id("/v26.0/6001/requests", ""), None);
+        assert_eq!(id("/v26.0/act_1", ""), None);
+        assert_eq!(
+            id("/v26.0/555", "fields=is_archived.as(is_completed)"),
+            None
+        );
+        assert_eq!(id("/v26.0/555", "fields=name.as%28async_status%29"), None);
+    }
 
     #[test]
     fn error_envelopes_and_batch_links_are_not_stored() {

@@ -79,10 +79,12 @@ impl RateLimits {
                     m.insights_account.with_label_values(&[&label]).set(*ratio);
                 }
                 Reading::Page { metric, ratio } => {
-                    let label = subject
-                        .nodes
-                        .first()
-                        .map_or_else(|| "unknown".to_owned(), |o| label_of(o.as_str()));
+                    // A batch answer speaks for several nodes: which page
+                    // is unknown.
+                    let label = match subject.nodes.as_slice() {
+                        [page] => label_of(page.as_str()),
+                        _ => "unknown".to_owned(),
+                    };
                     m.page_usage
                         .with_label_values(&[label.as_str(), metric])
                         .set(*ratio);
