@@ -247,6 +247,8 @@ async fn drive_traffic(h: &Arc<Harness>) {
         ("x-app-usage", r#"{"call_count":40,"total_time":20,"total_cputime":10}"#),
         ("x-ad-account-usage", r#"{"acc_id_util_pct":20.5,"reset_time_duration":60}"#),
         ("x-business-use-case-usage", r#"{"1":[{"type":"ads_management","call_count":30,"total_cputime":5,"total_time":5,"estimated_time_to_regain_access":0}]}"#),
+        ("x-fb-ads-insights-throttle", r#"{"app_id_util_pct":3,"acc_id_util_pct":7,"ads_api_access_tier":"standard_access"}"#),
+        ("x-page-usage", r#"{"call_count":12,"total_time":4,"total_cputime":2}"#),
     ]);
     for round in 0..3 {
         for i in 0..5 {
