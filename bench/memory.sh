@@ -7,13 +7,8 @@
 #     bench/memory.sh            # builds the release binary and example first
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet --bin graphcache --example mock-graph
-BIN=target/release/graphcache
-MOCK=target/release/examples/mock-graph
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+# shellcheck source=bench/common.sh
+. bench/common.sh
 
 "$MOCK" 127.0.0.1:18389 >"$work/mock.log" 2>&1 & pids+=($!)
 sleep 0.5

@@ -14,13 +14,8 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-12}
 WARMUP=${WARMUP:-4}
 PER_ROUND=${PER_ROUND:-40000}
-cargo build --release --quiet --bin graphcache --example mock-graph
-BIN=target/release/graphcache
-MOCK=target/release/examples/mock-graph
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+# shellcheck source=bench/common.sh
+. bench/common.sh
 
 "$MOCK" 127.0.0.1:18489 >"$work/mock.log" 2>&1 & pids+=($!)
 GRAPHCACHE_ACCESS_LOG=false ${SOAK_ENV:-} "$BIN" --listen 127.0.0.1:18490 --admin-listen 127.0.0.1:18491 \

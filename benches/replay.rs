@@ -337,33 +337,6 @@ fn analyse(log: &Log, calls: u64) -> Figures {
     }
 }
 
-/// The recommended `[[route]]` rules shipped commented in
-/// config/graphcache.toml, loaded as graphcache would load them.
-fn recommended_routes() -> graphcache::routes::RoutePolicies {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(root.join("config/graphcache.toml")).unwrap();
-    let (_, recommended) = text.split_once("# Recommended rules.").unwrap();
-    let rules: String = recommended
-        .lines()
-        .filter_map(|l| l.strip_prefix("# "))
-        .filter(|l| {
-            ["[[route]]", "match =", "fresh_ttl =", "cache ="]
-                .iter()
-                .any(|k| l.starts_with(k))
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let file = std::env::temp_dir().join(format!("graphcache-replay-{}.toml", std::process::id()));
-    std::fs::write(&file, rules).unwrap();
-    let cli = graphcache::Cli {
-        config: Some(file.clone()),
-        ..graphcache::Cli::default()
-    };
-    let config = graphcache::Config::load(&cli, std::iter::empty()).unwrap();
-    let _ = std::fs::remove_file(file);
-    config.routes
-}
-
 fn main() {
     let ops: usize = std::env::var("REPLAY_OPS")
         .ok()
@@ -384,7 +357,7 @@ fn main() {
                 // graphcache's defaults: every read revalidated.
                 "default" => {}
                 // The recommended rules of config/graphcache.toml, uncommented.
-                "recommended" => c.routes = recommended_routes(),
+                "recommended" => c.routes = support::recommended_routes().0,
                 // Issue 12's workload: every route fresh for 60 s.
                 _ => c.routes.default.fresh_ttl = Duration::from_secs(60),
             })

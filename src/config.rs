@@ -951,38 +951,6 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_recommended_routes_are_valid_when_uncommented() {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/graphcache.toml");
-        let text = std::fs::read_to_string(&path).unwrap();
-        let (_, recommended) = text.split_once("# Recommended rules.").unwrap();
-        let rules: String = recommended
-            .lines()
-            .filter_map(|l| l.strip_prefix("# "))
-            .filter(|l| {
-                ["[[route]]", "match =", "fresh_ttl =", "cache ="]
-                    .iter()
-                    .any(|k| l.starts_with(k))
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let (_g, file_path) = file(&rules);
-        let cli = Cli {
-            config: Some(file_path),
-            ..Cli::default()
-        };
-        let c = load(cli, &[]).unwrap();
-        assert_eq!(c.routes.rules.len(), 5, "{rules}");
-        let ttl = |path: &str| c.routes.policy_for(path).fresh_ttl.as_secs();
-        assert_eq!(ttl("/v26.0/act_1/insights"), 900);
-        assert_eq!(ttl("/v26.0/6001/insights"), 900);
-        assert_eq!(ttl("/v26.0/act_1"), 300);
-        assert_eq!(ttl("/v26.0/act_1/ads/"), 60);
-        assert_eq!(ttl("/v26.0/555"), 60);
-        assert!(!c.routes.policy_for("/v26.0/me/adaccounts").cache);
-        assert!(!c.routes.policy_for("/v26.0/me").cache);
-    }
-
-    #[test]
     fn the_shipped_config_file_is_valid_and_documents_every_key() {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/graphcache.toml");
         let text = std::fs::read_to_string(&path).unwrap();

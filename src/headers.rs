@@ -224,17 +224,7 @@ impl DigitBuf {
 mod tests {
     use super::*;
 
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
-
+    use crate::test_support::header_map as map;
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {
         let mut h = map(&[

@@ -515,24 +515,14 @@ async fn buffered_bodies_have_a_global_budget() {
     let first = {
         let (h, body) = (h.clone(), body.clone());
         tokio::spawn(async move {
-            h.send(
-                Method::POST,
-                "/v26.0/act_5/ads?access_token=EAAx",
-                &[("content-type", "application/x-www-form-urlencoded")],
-                &body,
-            )
-            .await
+            h.post_form("/v26.0/act_5/ads?access_token=EAAx", &body)
+                .await
         })
     };
     h.mock.wait_for_requests(1).await;
     // The first body is still held (its write is upstream): no room for a second.
     let second = h
-        .send(
-            Method::POST,
-            "/v26.0/act_6/ads?access_token=EAAx",
-            &[("content-type", "application/x-www-form-urlencoded")],
-            &body,
-        )
+        .post_form("/v26.0/act_6/ads?access_token=EAAx", &body)
         .await;
     assert_eq!(second.status, 503);
     assert_eq!(second.header("retry-after"), Some("1"));
@@ -542,12 +532,7 @@ async fn buffered_bodies_have_a_global_budget() {
     assert_eq!(h.mock.writes(), 1);
     // With the budget free again, the same write goes through.
     let third = h
-        .send(
-            Method::POST,
-            "/v26.0/act_6/ads?access_token=EAAx",
-            &[("content-type", "application/x-www-form-urlencoded")],
-            &body,
-        )
+        .post_form("/v26.0/act_6/ads?access_token=EAAx", &body)
         .await;
     assert_eq!(third.status, 200);
     assert_eq!(h.mock.writes(), 2);

@@ -84,12 +84,7 @@ async fn survives(fault: Fault, status: u16, kind: &str) {
     let posts = upstream.posts();
     let started = Instant::now();
     let write = h
-        .send(
-            Method::POST,
-            &format!("/v26.0/3?{TOKEN}"),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            "name=renamed",
-        )
+        .post_form(&format!("/v26.0/3?{TOKEN}"), "name=renamed")
         .await;
     assert!(
         started.elapsed() < TIMEOUT + SLACK,
@@ -221,14 +216,7 @@ async fn a_5xx_storm_serves_stale_entries_and_relays_graph_errors() {
         "{during} upstream calls for 60 reads"
     );
     let posts = h.mock.writes();
-    let write = h
-        .send(
-            Method::POST,
-            &format!("/v26.0/3?{TOKEN}"),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            "name=x",
-        )
-        .await;
+    let write = h.post_form(&format!("/v26.0/3?{TOKEN}"), "name=x").await;
     assert_eq!(write.status, 503);
     assert_eq!(h.mock.writes(), posts + 1);
     settled(&h).await;
@@ -280,14 +268,7 @@ async fn a_tls_handshake_failure_is_a_502_and_sends_nothing() {
     let h = graphcache_before(&upstream).await;
     let reply = h.get(&format!("/v26.0/1?{TOKEN}")).await;
     assert_envelope(&reply, 502, "upstream_unreachable");
-    let write = h
-        .send(
-            Method::POST,
-            &format!("/v26.0/1?{TOKEN}"),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            "name=x",
-        )
-        .await;
+    let write = h.post_form(&format!("/v26.0/1?{TOKEN}"), "name=x").await;
     assert_envelope(&write, 502, "upstream_unreachable");
     assert_eq!(mock.requests(), 0, "nothing crosses a failed handshake");
     settled(&h).await;
@@ -305,14 +286,7 @@ async fn keep_alive_connections_closed_by_the_upstream_between_requests() {
         let reply = h.get(&format!("/v26.0/{id}?{TOKEN}")).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
         assert_eq!(reply.text(), FaultyGraph::body_for(&format!("/v26.0/{id}")));
-        let write = h
-            .send(
-                Method::POST,
-                &format!("/v26.0/{id}?{TOKEN}"),
-                &[("content-type", "application/x-www-form-urlencoded")],
-                "name=x",
-            )
-            .await;
+        let write = h.post_form(&format!("/v26.0/{id}?{TOKEN}"), "name=x").await;
         assert_eq!(write.status, 200, "{}", write.text());
         assert_eq!(upstream.posts(), id, "each write exactly once");
     }

@@ -6,7 +6,6 @@ mod support;
 
 use std::time::Duration;
 
-use http::Method;
 use serde_json::json;
 use support::Harness;
 
@@ -18,6 +17,20 @@ fn fresh(seconds: u64) -> impl FnOnce(&mut graphcache::Config) {
 
 async fn write(h: &Harness, path: &str) -> support::Reply {
     write_to(h, path, "name=changed").await
+}
+
+#[test]
+fn the_shipped_recommended_routes_are_valid_when_uncommented() {
+    let (routes, rules) = support::recommended_routes();
+    assert_eq!(routes.rules.len(), 5, "{rules}");
+    let ttl = |path: &str| routes.policy_for(path).fresh_ttl.as_secs();
+    assert_eq!(ttl("/v26.0/act_1/insights"), 900);
+    assert_eq!(ttl("/v26.0/6001/insights"), 900);
+    assert_eq!(ttl("/v26.0/act_1"), 300);
+    assert_eq!(ttl("/v26.0/act_1/ads/"), 60);
+    assert_eq!(ttl("/v26.0/555"), 60);
+    assert!(!routes.policy_for("/v26.0/me/adaccounts").cache);
+    assert!(!routes.policy_for("/v26.0/me").cache);
 }
 
 #[tokio::test]
@@ -123,14 +136,7 @@ async fn create(h: &Harness, edge: &str, field: &str) -> String {
 }
 
 async fn write_to(h: &Harness, path: &str, body: &str) -> support::Reply {
-    let reply = h
-        .send(
-            Method::POST,
-            &format!("{path}?{TOKEN}"),
-            &[("content-type", "application/x-www-form-urlencoded")],
-            body,
-        )
-        .await;
+    let reply = h.post_form(&format!("{path}?{TOKEN}"), body).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     reply
 }

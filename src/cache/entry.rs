@@ -312,26 +312,8 @@ mod tests {
 
     use super::*;
 
-    fn policy(fresh: u64, stale: u64) -> CachePolicy {
-        CachePolicy {
-            fresh_ttl: Duration::from_secs(fresh),
-            max_stale: Duration::from_secs(stale),
-            cache: true,
-            always_revalidate: false,
-        }
-    }
-
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
-
+    use crate::test_support::header_map as map;
+    use crate::test_support::policy;
     #[test]
     fn freshness_boundaries() {
         let p = policy(10, 20);

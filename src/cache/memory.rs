@@ -291,19 +291,11 @@ mod tests {
     use crate::cache::identity::{Credentials, TokenHasher};
     use crate::cache::key::cache_key;
     use crate::graph::query::QueryParams;
-    use crate::graph::routes::{objects_of, CachePolicy};
+    use crate::graph::routes::objects_of;
     use bytes::Bytes;
     use http::HeaderMap;
 
-    fn policy(fresh: u64, stale: u64) -> CachePolicy {
-        CachePolicy {
-            fresh_ttl: Duration::from_secs(fresh),
-            max_stale: Duration::from_secs(stale),
-            cache: true,
-            always_revalidate: false,
-        }
-    }
-
+    use crate::test_support::policy;
     fn entry(path: &str) -> CachedResponse {
         CachedResponse::new(
             HeaderMap::new(),

@@ -297,16 +297,8 @@ pub fn stretch(fresh_ttl: Duration, usage: f64, from: Option<f64>, max: Duration
 mod tests {
     use super::*;
     use crate::graph::routes::objects_of;
-    use http::HeaderValue;
 
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, HeaderValue::from_str(v).unwrap());
-        }
-        h
-    }
-
+    use crate::test_support::header_map as headers;
     #[test]
     fn nothing_seen_means_a_clear_verdict() {
         let limits = RateLimits::new(ThrottleSettings::default());

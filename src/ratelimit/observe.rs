@@ -309,16 +309,8 @@ fn max_ratio(values: &[Option<f64>]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, HeaderValue::from_str(v).unwrap());
-        }
-        h
-    }
-
+    use crate::test_support::header_map as headers;
     #[test]
     fn usage_headers_become_readings_and_scopes_without_side_effects() {
         let subject = Subject::of_request("/v26.0/act_42/insights", None);

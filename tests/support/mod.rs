@@ -179,6 +179,12 @@ impl Harness {
         }
     }
 
+    /// POSTs a form body (a write, the way the SDKs send one).
+    pub async fn post_form(&self, target: &str, body: &str) -> Reply {
+        let form = [("content-type", "application/x-www-form-urlencoded")];
+        self.send(Method::POST, target, &form, body).await
+    }
+
     /// POSTs a client batch the documented way: a form body with `batch`.
     pub async fn post_batch(
         &self,
@@ -315,4 +321,36 @@ pub fn spawn_get(
             .collect();
         h.get_with(&target, &headers).await
     })
+}
+
+/// The recommended `[[route]]` rules shipped commented in
+/// config/graphcache.toml, uncommented and loaded as graphcache loads a
+/// config file; with the rules' text, for messages.
+pub fn recommended_routes() -> (graphcache::routes::RoutePolicies, String) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("config/graphcache.toml")).unwrap();
+    let (_, recommended) = text.split_once("# Recommended rules.").unwrap();
+    let rules: String = recommended
+        .lines()
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| {
+            ["[[route]]", "match =", "fresh_ttl =", "cache ="]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let file = std::env::temp_dir().join(format!(
+        "graphcache-recommended-{}-{:?}.toml",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::write(&file, &rules).unwrap();
+    let cli = graphcache::Cli {
+        config: Some(file.clone()),
+        ..graphcache::Cli::default()
+    };
+    let config = graphcache::Config::load(&cli, std::iter::empty());
+    let _ = std::fs::remove_file(file);
+    (config.expect("the recommended rules load").routes, rules)
 }
