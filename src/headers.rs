@@ -220,11 +220,24 @@ impl DigitBuf {
     }
 }
 
+/// A header map of `pairs`, in order, repeated names appended (tests).
+#[cfg(test)]
+pub(crate) fn header_map(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    use crate::test_support::header_map as map;
+    use super::header_map as map;
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {
         let mut h = map(&[

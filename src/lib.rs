@@ -20,8 +20,6 @@
 
 pub mod config;
 pub mod server;
-#[cfg(test)]
-mod test_support;
 
 pub(crate) mod admin;
 pub(crate) mod body;

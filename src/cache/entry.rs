@@ -312,8 +312,12 @@ mod tests {
 
     use super::*;
 
-    use crate::test_support::header_map as map;
-    use crate::test_support::policy;
+    use crate::graph::routes::CachePolicy;
+    use crate::headers::header_map as map;
+
+    fn policy(fresh: u64, stale: u64) -> CachePolicy {
+        CachePolicy::ttls(fresh, stale)
+    }
     #[test]
     fn freshness_boundaries() {
         let p = policy(10, 20);

@@ -291,11 +291,13 @@ mod tests {
     use crate::cache::identity::{Credentials, TokenHasher};
     use crate::cache::key::cache_key;
     use crate::graph::query::QueryParams;
-    use crate::graph::routes::objects_of;
+    use crate::graph::routes::{objects_of, CachePolicy};
     use bytes::Bytes;
     use http::HeaderMap;
 
-    use crate::test_support::policy;
+    fn policy(fresh: u64, stale: u64) -> CachePolicy {
+        CachePolicy::ttls(fresh, stale)
+    }
     fn entry(path: &str) -> CachedResponse {
         CachedResponse::new(
             HeaderMap::new(),

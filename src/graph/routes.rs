@@ -54,6 +54,17 @@ pub struct CachePolicy {
 }
 
 impl CachePolicy {
+    /// A cacheable policy with these TTLs in seconds (tests).
+    #[cfg(test)]
+    pub(crate) fn ttls(fresh: u64, stale: u64) -> Self {
+        Self {
+            fresh_ttl: Duration::from_secs(fresh),
+            max_stale: Duration::from_secs(stale),
+            cache: true,
+            always_revalidate: false,
+        }
+    }
+
     /// How long an entry is worth keeping after it was stored or validated.
     pub fn retention(&self) -> Duration {
         self.fresh_ttl.max(self.max_stale)

@@ -298,7 +298,7 @@ mod tests {
     use super::*;
     use crate::graph::routes::objects_of;
 
-    use crate::test_support::header_map as headers;
+    use crate::headers::header_map as headers;
     #[test]
     fn nothing_seen_means_a_clear_verdict() {
         let limits = RateLimits::new(ThrottleSettings::default());

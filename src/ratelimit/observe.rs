@@ -310,7 +310,7 @@ fn max_ratio(values: &[Option<f64>]) -> f64 {
 mod tests {
     use super::*;
 
-    use crate::test_support::header_map as headers;
+    use crate::headers::header_map as headers;
     #[test]
     fn usage_headers_become_readings_and_scopes_without_side_effects() {
         let subject = Subject::of_request("/v26.0/act_42/insights", None);
