@@ -52,6 +52,11 @@ pub mod default {
     pub const USAGE_LABEL_LIMIT: u64 = 100;
     pub const REWRITE_PAGING_LINKS: bool = true;
     pub const ASYNC_POLL_INTERVAL: u64 = 5;
+    pub const REDIS_NAMESPACE: &str = "graphcache";
+    pub const REDIS_TIMEOUT_MS: u64 = 50;
+    pub const REDIS_DEGRADED_MAX_AGE: u64 = 2;
+    pub const REDIS_LOCK_WAIT_MS: u64 = 5000;
+    pub const REDIS_REQUIRED: bool = false;
 }
 
 /// Command line. The flag names are a contract with users: keep them.
@@ -83,6 +88,9 @@ pub struct Cli {
     /// Memory bound of the cache, in bytes.
     #[arg(long, value_name = "BYTES")]
     pub cache_max_bytes: Option<u64>,
+    /// Redis shared by a fleet of sidecars, e.g. redis://redis:6379/0.
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
     /// Validate the configuration, print it, and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -144,6 +152,13 @@ pub struct RawConfig {
     rewrite_paging_links: Option<bool>,
     async_poll_interval: Option<u64>,
     upstream_ca_file: Option<PathBuf>,
+    redis_url: Option<String>,
+    redis_namespace: Option<String>,
+    redis_timeout_ms: Option<u64>,
+    redis_degraded_max_age: Option<u64>,
+    redis_lock_wait_ms: Option<u64>,
+    redis_required: Option<bool>,
+    fleet_secret: Option<String>,
     #[serde(default)]
     route: Vec<RawRoute>,
 }
@@ -213,6 +228,57 @@ pub struct Config {
     pub upstream_ca_file: Option<PathBuf>,
     /// `quota_ttl_from` as configured, also while quota-aware TTLs are off.
     pub quota_ttl_from: f64,
+    /// The shared tier of a fleet; None runs alone.
+    pub fleet: Option<FleetSettings>,
+}
+
+/// A fleet of sidecars sharing one Redis (`redis_url`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct FleetSettings {
+    /// `redis://` or `rediss://` (rustls), with credentials if any.
+    pub url: String,
+    /// Prefix of every key, so fleets can share a Redis.
+    pub namespace: String,
+    /// Bound on every Redis call; past it the call counts as failed.
+    pub timeout: Duration,
+    /// While Redis cannot be reached, in-process entries older than this
+    /// are revalidated upstream instead of served.
+    pub degraded_max_age: Duration,
+    /// How long a miss waits for the replica fetching the same key.
+    pub lock_wait: Duration,
+    /// `/readyz` fails while Redis cannot be reached.
+    pub required: bool,
+    /// Keys caller identities fleet-wide; when None, one is kept in Redis.
+    pub secret: Option<String>,
+}
+
+impl std::fmt::Debug for FleetSettings {
+    // The URL may carry a password and the secret is one: neither is printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetSettings")
+            .field("url", &redact_url(&self.url))
+            .field("namespace", &self.namespace)
+            .field("timeout", &self.timeout)
+            .field("degraded_max_age", &self.degraded_max_age)
+            .field("lock_wait", &self.lock_wait)
+            .field("required", &self.required)
+            .field("secret", &self.secret.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs and `--check-config`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 /// Sharing of identical concurrent reads.
@@ -332,7 +398,7 @@ impl Config {
             origins.insert(key.clone(), "env");
             table.insert(key, value);
         }
-        let flags: [(&str, Option<toml::Value>); 6] = [
+        let flags: [(&str, Option<toml::Value>); 7] = [
             ("listen", cli.listen.clone().map(toml::Value::String)),
             ("upstream", cli.upstream.clone().map(toml::Value::String)),
             (
@@ -342,6 +408,7 @@ impl Config {
             ("fresh_ttl", cli.fresh_ttl.map(int_value)),
             ("max_stale", cli.max_stale.map(int_value)),
             ("cache_max_bytes", cli.cache_max_bytes.map(int_value)),
+            ("redis_url", cli.redis_url.clone().map(toml::Value::String)),
         ];
         for (key, value) in flags {
             if let Some(value) = value {
@@ -517,7 +584,56 @@ impl RawConfig {
             Some(path) => load_certificates(path)?,
             None => Vec::new(),
         };
+        let fleet = match self.redis_url.filter(|u| !u.trim().is_empty()) {
+            None => None,
+            Some(url) => {
+                let url = url.trim().to_owned();
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(ConfigError::Invalid(format!(
+                        "redis_url = {:?} must use redis:// or rediss://; expected e.g. \"redis://redis:6379/0\"",
+                        redact_url(&url)
+                    )));
+                }
+                let namespace = self
+                    .redis_namespace
+                    .unwrap_or_else(|| default::REDIS_NAMESPACE.to_owned());
+                if namespace.is_empty()
+                    || !namespace
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "redis_namespace = {namespace:?} is not allowed; expected letters, digits, '-', '_' or '.'"
+                    )));
+                }
+                if self.fleet_secret.as_ref().is_some_and(|s| s.len() < 16) {
+                    return Err(ConfigError::Invalid(
+                        "fleet_secret is too short; expected at least 16 characters".to_owned(),
+                    ));
+                }
+                Some(FleetSettings {
+                    url,
+                    namespace,
+                    timeout: Duration::from_millis(positive(
+                        "redis_timeout_ms",
+                        self.redis_timeout_ms,
+                        default::REDIS_TIMEOUT_MS,
+                    )?),
+                    degraded_max_age: secs(
+                        self.redis_degraded_max_age,
+                        default::REDIS_DEGRADED_MAX_AGE,
+                    ),
+                    lock_wait: Duration::from_millis(
+                        self.redis_lock_wait_ms
+                            .unwrap_or(default::REDIS_LOCK_WAIT_MS),
+                    ),
+                    required: self.redis_required.unwrap_or(default::REDIS_REQUIRED),
+                    secret: self.fleet_secret,
+                })
+            }
+        };
         let config = Config {
+            fleet,
             ignored_env: Vec::new(),
             origins: Default::default(),
             upstream_ca_file: self.upstream_ca_file.clone(),
@@ -724,6 +840,18 @@ impl Config {
             ),
             ("async_poll_interval", secs(self.async_poll_interval)),
         ];
+        let mut values = values;
+        if let Some(fleet) = &self.fleet {
+            let ms = |d: Duration| int(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            values.extend([
+                ("redis_url", text(redact_url(&fleet.url))),
+                ("redis_namespace", text(fleet.namespace.clone())),
+                ("redis_timeout_ms", ms(fleet.timeout)),
+                ("redis_degraded_max_age", secs(fleet.degraded_max_age)),
+                ("redis_lock_wait_ms", ms(fleet.lock_wait)),
+                ("redis_required", Value::Boolean(fleet.required)),
+            ]);
+        }
         let origin = |key: &str| self.origins.get(key).copied().unwrap_or("default");
         let mut out = String::new();
         for (key, value) in values {
@@ -812,6 +940,7 @@ impl Config {
             max_buffered_bytes => "max_buffered_bytes",
             shutdown_grace => "shutdown_grace",
             log_format => "log_format",
+            fleet => "redis_url",
         );
         ignored
     }
@@ -833,6 +962,18 @@ impl Config {
             ("shutdown_grace", self.shutdown_grace, MAX_TIMEOUT),
             ("write_slot_wait", self.write_slot_wait, MAX_TIMEOUT),
             ("async_poll_interval", self.async_poll_interval, MAX_TTL),
+            (
+                "redis_degraded_max_age",
+                self.fleet
+                    .as_ref()
+                    .map_or(Duration::ZERO, |f| f.degraded_max_age),
+                MAX_TIMEOUT,
+            ),
+            (
+                "redis_lock_wait_ms",
+                self.fleet.as_ref().map_or(Duration::ZERO, |f| f.lock_wait),
+                MAX_TIMEOUT,
+            ),
             ("coalesce_wait", self.coalesce.wait, MAX_TIMEOUT),
             ("throttle_backoff", self.throttle.backoff, MAX_TIMEOUT),
             ("batch_window_ms", self.packing.window, MAX_TIMEOUT),
@@ -954,7 +1095,7 @@ mod tests {
     fn the_shipped_config_file_is_valid_and_documents_every_key() {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/graphcache.toml");
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(keys().len(), 36);
+        assert_eq!(keys().len(), 43);
         assert!(keys().contains(&"async_poll_interval"));
         assert!(keys().contains(&"route") && keys().contains(&"upstream_ca_file"));
         for key in keys() {

@@ -26,6 +26,7 @@ pub(crate) mod body;
 pub(crate) mod cache;
 pub(crate) mod client_batch;
 pub(crate) mod error;
+pub(crate) mod fleet;
 pub(crate) mod graph;
 pub(crate) mod headers;
 pub(crate) mod metrics;

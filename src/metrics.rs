@@ -555,6 +555,11 @@ impl Metrics {
         self.invalidations.inc_by(entries as u64);
     }
 
+    /// The registry, for parts that keep their own metrics (the fleet).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition, with cache and throttle gauges read now.
     pub async fn render(&self, store: &MemoryStore, throttled_scopes: usize) -> String {
         self.usage.throttled_scopes.set(throttled_scopes as i64);

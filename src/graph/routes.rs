@@ -90,6 +90,18 @@ impl RoutePolicies {
         policy
     }
 
+    /// The longest any entry may be kept under these rules.
+    pub fn longest_retention(&self) -> Duration {
+        self.rules
+            .iter()
+            .map(|r| {
+                r.fresh_ttl
+                    .unwrap_or(self.default.fresh_ttl)
+                    .max(r.max_stale.unwrap_or(self.default.max_stale))
+            })
+            .fold(self.default.retention(), Duration::max)
+    }
+
     fn configured_policy(&self, path: &str) -> CachePolicy {
         if self.rules.is_empty() {
             return self.default;

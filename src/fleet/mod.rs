@@ -1,0 +1,737 @@
+//! The shared tier of a fleet of sidecars: one Redis (or Valkey) that every
+//! replica reads and writes, so the fleet acts as one cache.
+//!
+//! This module speaks Redis and nothing of graphcache's types: the cache
+//! stage stores opaque entry bytes under blake3 keys through it, and the
+//! rate-limit stage shares throttle scopes as strings. What it guarantees:
+//!
+//! - **Write marks.** A write bumps one fleet-wide sequence number and marks
+//!   each object it changed with the new value ([`Fleet::mark_written`]),
+//!   before its client is answered. A read takes the sequence before it goes
+//!   upstream ([`Fleet::ticket`]) and its entry carries that stamp; an entry
+//!   is served only while no object it depends on carries a later mark
+//!   ([`Fleet::check`]): one `MGET` per hit.
+//! - **Fills.** A miss takes a lock (`SET NX PX` with a random token,
+//!   released by compare-and-delete) so one replica fetches and the others
+//!   wait for its entry ([`Fleet::claim`]).
+//! - **Degradation.** Every call is bounded by `redis_timeout_ms`; a failure
+//!   counts, flips the state to degraded (logged once), and graphcache goes
+//!   on from memory and upstream. Marks that could not be sent are kept and
+//!   sent when Redis answers again.
+//!
+//! Keys are `<namespace>:v1:…`; none holds a token or a piece of one (cache
+//! keys and caller identities are keyed blake3 hashes, object ids are
+//! hashed too).
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, FromRedisValue, Script};
+
+use crate::config::{redact_url, FleetSettings};
+
+/// Format version of keys and values; bump on any incompatible change, so
+/// replicas of two versions never read each other's entries.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Objects a replica remembers having written while Redis was unreachable;
+/// past it, the replay marks everything instead.
+const MAX_PENDING_MARKS: usize = 10_000;
+
+pub const REDIS_UP: &str = "graphcache_redis_up";
+pub const REDIS_ERRORS: &str = "graphcache_redis_errors_total";
+pub const REDIS_DURATION: &str = "graphcache_redis_call_duration_seconds";
+pub const L2_LOOKUPS: &str = "graphcache_l2_lookups_total";
+pub const L2_STORES: &str = "graphcache_l2_stores_total";
+pub const LOCK_WAITS: &str = "graphcache_fleet_lock_waits_total";
+pub const MARKS_SENT: &str = "graphcache_fleet_invalidations_sent_total";
+pub const MARKS_RECEIVED: &str = "graphcache_fleet_invalidations_received_total";
+pub const THROTTLES_SHARED: &str = "graphcache_fleet_throttles_shared_total";
+
+/// The fleet's metrics, registered beside graphcache's own.
+pub struct FleetMetrics {
+    pub up: IntGauge,
+    pub errors: IntCounterVec,
+    pub duration: Histogram,
+    /// `hit`, `miss`, or `invalid` (a write mark newer than the entry).
+    pub l2_lookups: IntCounterVec,
+    /// `stored`, or `refused` (a write landed while the read was upstream).
+    pub l2_stores: IntCounterVec,
+    /// How a wait for another replica's fill ended: `filled`, `released`
+    /// (no entry: the holder's answer was not storable), `timeout`.
+    pub lock_waits: IntCounterVec,
+    /// Objects (or `everything`) this replica marked written.
+    pub marks_sent: IntCounter,
+    /// Stored entries this replica dropped because of a sibling's mark.
+    pub marks_received: IntCounter,
+    /// Throttle and pressure scopes `sent` to and `received` from the fleet.
+    pub throttles: IntCounterVec,
+}
+
+impl FleetMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique");
+            c
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique");
+            c
+        };
+        let up = IntGauge::new(
+            REDIS_UP,
+            "1 while the fleet's Redis answers, 0 while degraded",
+        )
+        .expect("valid metric");
+        registry.register(Box::new(up.clone())).expect("unique");
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(REDIS_DURATION, "Redis call latency, seconds").buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(duration.clone()))
+            .expect("unique");
+        let metrics = Self {
+            up,
+            duration,
+            errors: counter_vec(REDIS_ERRORS, "Redis calls that failed or timed out", "op"),
+            l2_lookups: counter_vec(L2_LOOKUPS, "Lookups in the shared tier", "result"),
+            l2_stores: counter_vec(L2_STORES, "Entries offered to the shared tier", "result"),
+            lock_waits: counter_vec(
+                LOCK_WAITS,
+                "Misses that waited for another replica's fetch",
+                "result",
+            ),
+            marks_sent: counter(MARKS_SENT, "Write marks this replica sent to the fleet"),
+            marks_received: counter(
+                MARKS_RECEIVED,
+                "Stored entries dropped for a write made through another replica",
+            ),
+            throttles: counter_vec(
+                THROTTLES_SHARED,
+                "Throttle and pressure scopes shared with the fleet",
+                "direction",
+            ),
+        };
+        // Every series exists from the start, so dashboards and rates see
+        // a zero rather than nothing.
+        for op in OPS {
+            metrics.errors.with_label_values(&[op]);
+        }
+        for (vec, labels) in [
+            (&metrics.l2_lookups, &["hit", "miss", "invalid"][..]),
+            (&metrics.l2_stores, &["stored", "refused"][..]),
+            (&metrics.lock_waits, &["filled", "released", "timeout"][..]),
+            (&metrics.throttles, &["sent", "received"][..]),
+        ] {
+            for label in labels {
+                vec.with_label_values(&[label]);
+            }
+        }
+        metrics
+    }
+}
+
+/// The `op` labels of Redis calls.
+const OPS: [&str; 10] = [
+    "get", "put", "check", "mark", "lock", "ticket", "throttle", "ping", "remove", "secret",
+];
+
+/// Whether a stored entry may still be served, by the fleet's write marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// No object of the entry was written since its read started.
+    Valid,
+    /// One was: the entry is pre-write data.
+    Written,
+    /// Redis did not answer: the caller applies the degraded rule.
+    Unknown,
+}
+
+/// What a miss learns from the fleet lock.
+pub enum Claim {
+    /// This replica fetches; release the lock with [`Fleet::release`].
+    Held(LockToken),
+    /// Another replica stored the entry while this one waited: its bytes.
+    Filled(Vec<u8>),
+    /// Fetch without the lock (no answer from Redis, the holder gave up or
+    /// stored nothing, or the wait ran out).
+    Proceed,
+}
+
+/// Proof of holding one fill lock.
+pub struct LockToken {
+    key: String,
+    token: String,
+}
+
+/// Objects written while Redis could not be told.
+#[derive(Default)]
+struct Pending {
+    objects: HashSet<String>,
+    everything: bool,
+}
+
+/// The connection to the fleet's Redis and what rides on it.
+pub struct Fleet {
+    conn: ConnectionManager,
+    prefix: String,
+    settings: FleetSettings,
+    pub metrics: FleetMetrics,
+    healthy: AtomicBool,
+    /// Highest sequence number seen: a lower one means Redis lost its data.
+    highest_seen: AtomicU64,
+    /// How long write marks live: longer than any entry may be kept.
+    mark_ttl_ms: AtomicU64,
+    pending: Mutex<Pending>,
+    /// Set when Redis lost its data: every entry in memory must go.
+    lost_data: AtomicBool,
+}
+
+const MARK: &str = r"
+local s = redis.call('INCR', KEYS[1])
+local floor = tonumber(ARGV[2])
+if s <= floor then
+  s = floor + 1
+  redis.call('SET', KEYS[1], s)
+end
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], s, 'PX', ARGV[1])
+end
+return s
+";
+
+const PUT: &str = r"
+local stamp = tonumber(ARGV[1])
+for i = 2, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v and tonumber(v) > stamp then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+return 1
+";
+
+const POLL: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then return {1, v} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {0, ''} end
+return {2, ''}
+";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// A Redis call's failure, for logs.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl Fleet {
+    /// Connects lazily: graphcache starts, and serves, with Redis down.
+    pub fn new(settings: FleetSettings, registry: &Registry) -> Result<Arc<Self>, FleetError> {
+        let client = redis::Client::open(settings.url.as_str())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(200))))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let metrics = FleetMetrics::new(registry);
+        metrics.up.set(1);
+        Ok(Arc::new(Self {
+            conn,
+            prefix: format!("{}:v{FORMAT_VERSION}:", settings.namespace),
+            settings,
+            metrics,
+            healthy: AtomicBool::new(true),
+            highest_seen: AtomicU64::new(0),
+            mark_ttl_ms: AtomicU64::new(86_400_000),
+            pending: Mutex::default(),
+            lost_data: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn settings(&self) -> &FleetSettings {
+        &self.settings
+    }
+
+    /// True while Redis answers.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Write marks must outlive every entry that may depend on them: the
+    /// longest retention of the routes, at least a day (so a reload that
+    /// lengthens TTLs finds marks still there), plus ten minutes.
+    pub fn set_longest_retention(&self, retention: Duration) {
+        let retention = retention.max(Duration::from_secs(86_400));
+        let ms = (retention + Duration::from_secs(600)).as_millis();
+        self.mark_ttl_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Takes (and clears) the flag that Redis lost its data since the last
+    /// call: the caller drops everything it holds in memory.
+    pub fn take_lost_data(&self) -> bool {
+        self.lost_data.swap(false, Ordering::AcqRel)
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}{kind}:{id}", self.prefix)
+    }
+
+    /// The key of an entry or lock under a cache key's 32 bytes.
+    fn entry_key(&self, kind: &str, key: &[u8; 32]) -> String {
+        let mut hex = String::with_capacity(64);
+        for b in key {
+            hex.push_str(&format!("{b:02x}"));
+        }
+        self.key(kind, &hex)
+    }
+
+    /// The key of an object's write mark. Hashed: ids come from client
+    /// paths, which could hold anything.
+    fn mark_key(&self, object: &str) -> String {
+        let hash = blake3::hash(object.as_bytes());
+        self.key("w", &hash.to_hex()[..32])
+    }
+
+    fn all_key(&self) -> String {
+        format!("{}all", self.prefix)
+    }
+
+    fn seq_key(&self) -> String {
+        format!("{}seq", self.prefix)
+    }
+
+    /// Runs one Redis call under the timeout, counting and timing it, and
+    /// keeping the health state (logged once per change).
+    async fn call<T, F>(&self, op: &'static str, call: F) -> Result<T, FleetError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.settings.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(FleetError::Redis(e)),
+            Err(_) => Err(FleetError::Timeout(self.settings.timeout)),
+        };
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => self.set_health(true, None),
+            Err(e) => {
+                self.metrics.errors.with_label_values(&[op]).inc();
+                self.set_health(false, Some(e));
+            }
+        }
+        result
+    }
+
+    fn set_health(&self, healthy: bool, error: Option<&FleetError>) {
+        if self.healthy.swap(healthy, Ordering::AcqRel) == healthy {
+            return;
+        }
+        self.metrics.up.set(i64::from(healthy));
+        let url = redact_url(&self.settings.url);
+        match error {
+            None => tracing::info!(redis = %url, "fleet Redis answers again; shared tier back"),
+            Some(error) => tracing::warn!(
+                redis = %url,
+                %error,
+                "fleet Redis unreachable; serving from memory and upstream (degraded)"
+            ),
+        }
+    }
+
+    async fn query<T: FromRedisValue>(&self, op: &'static str, cmd: Cmd) -> Result<T, FleetError> {
+        let mut conn = self.conn.clone();
+        self.call(op, async move {
+            match cmd.query_async(&mut conn).await {
+                Err(e) if reconnects(&e) => cmd.query_async(&mut conn).await,
+                other => other,
+            }
+        })
+        .await
+    }
+
+    async fn script<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        code: &str,
+        keys: &[String],
+        args: &[&[u8]],
+    ) -> Result<T, FleetError> {
+        let script = Script::new(code);
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let mut conn = self.conn.clone();
+        self.call(op, async move {
+            match invocation.invoke_async(&mut conn).await {
+                Err(e) if reconnects(&e) => invocation.invoke_async(&mut conn).await,
+                other => other,
+            }
+        })
+        .await
+    }
+
+    /// The fleet's identity secret: the configured one, else the one kept
+    /// in Redis (created by the first replica to ask).
+    pub async fn identity_secret(&self) -> Result<[u8; 32], FleetError> {
+        if let Some(secret) = &self.settings.secret {
+            return Ok(blake3::derive_key(
+                "graphcache fleet identity v1",
+                secret.as_bytes(),
+            ));
+        }
+        let key = self.key("meta", "secret");
+        let fresh: [u8; 32] = rand::random();
+        let hex: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg(&hex).arg("NX");
+        let _: Option<String> = self.query("secret", set).await?;
+        let mut get = redis::cmd("GET");
+        get.arg(&key);
+        let stored: String = self.query("secret", get).await?;
+        Ok(blake3::derive_key(
+            "graphcache fleet identity v1",
+            stored.as_bytes(),
+        ))
+    }
+
+    /// The fleet's write sequence now, taken before a read goes upstream.
+    /// None when Redis does not answer.
+    pub async fn ticket(&self) -> Option<u64> {
+        let mut get = redis::cmd("GET");
+        get.arg(self.seq_key());
+        let seq: Option<u64> = self.query("ticket", get).await.ok()?;
+        let seq = seq.unwrap_or(0);
+        let highest = self.highest_seen.fetch_max(seq, Ordering::AcqRel);
+        if seq < highest {
+            // Redis restarted empty or from an old snapshot: marks were
+            // lost, so no stamp can be trusted. Mark everything past the
+            // highest number seen, and drop what memory holds.
+            tracing::warn!("fleet Redis lost its write sequence; dropping every shared entry");
+            self.lost_data.store(true, Ordering::Release);
+            let marked = self.mark(&[self.all_key()]).await.ok()?;
+            return Some(marked);
+        }
+        Some(seq)
+    }
+
+    async fn mark(&self, marks: &[String]) -> Result<u64, FleetError> {
+        let mut keys = Vec::with_capacity(marks.len() + 1);
+        keys.push(self.seq_key());
+        keys.extend(marks.iter().cloned());
+        let ttl = self.mark_ttl_ms.load(Ordering::Relaxed).to_string();
+        let floor = self.highest_seen.load(Ordering::Acquire).to_string();
+        let seq: u64 = self
+            .script("mark", MARK, &keys, &[ttl.as_bytes(), floor.as_bytes()])
+            .await?;
+        self.highest_seen.fetch_max(seq, Ordering::AcqRel);
+        Ok(seq)
+    }
+
+    /// Marks `objects` written (every entry depending on one, in every
+    /// replica, stops being served). Awaited before the write's client is
+    /// answered. When Redis does not answer, the marks are kept and sent
+    /// as soon as it does.
+    pub async fn mark_written(&self, objects: &[&str]) {
+        let marks: Vec<String> = objects.iter().map(|o| self.mark_key(o)).collect();
+        if self.mark(&marks).await.is_ok() {
+            self.metrics.marks_sent.inc_by(objects.len() as u64);
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending
+            .objects
+            .extend(objects.iter().map(|o| (*o).to_owned()));
+        if pending.objects.len() > MAX_PENDING_MARKS {
+            pending.objects.clear();
+            pending.everything = true;
+        }
+    }
+
+    /// Marks everything written (a write graphcache cannot attribute).
+    pub async fn mark_everything(&self) {
+        if self.mark(&[self.all_key()]).await.is_ok() {
+            self.metrics.marks_sent.inc();
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.objects.clear();
+        pending.everything = true;
+    }
+
+    /// Whether an entry stamped `stamp` (None: stored while Redis was
+    /// unreachable) over `objects` may be served. One `MGET`.
+    pub async fn check(&self, stamp: Option<u64>, objects: &[&str]) -> Check {
+        let Some(stamp) = stamp else {
+            return Check::Unknown;
+        };
+        let mut mget = redis::cmd("MGET");
+        mget.arg(self.all_key());
+        for object in objects {
+            mget.arg(self.mark_key(object));
+        }
+        match self.query::<Vec<Option<u64>>>("check", mget).await {
+            Ok(marks) if marks.iter().flatten().any(|m| *m > stamp) => Check::Written,
+            Ok(_) => Check::Valid,
+            Err(_) => Check::Unknown,
+        }
+    }
+
+    /// The bytes stored under a cache key, if any. Errors count as a miss.
+    pub async fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>> {
+        let mut get = redis::cmd("GET");
+        get.arg(self.entry_key("e", key));
+        self.query("get", get).await.ok().flatten()
+    }
+
+    /// Stores `value` for `retention`, unless one of `objects` was marked
+    /// after `stamp` (checked by Redis in the same step).
+    pub async fn put(
+        &self,
+        key: &[u8; 32],
+        stamp: u64,
+        objects: &[&str],
+        value: &[u8],
+        retention: Duration,
+    ) -> bool {
+        let mut keys = Vec::with_capacity(objects.len() + 2);
+        keys.push(self.entry_key("e", key));
+        keys.push(self.all_key());
+        keys.extend(objects.iter().map(|o| self.mark_key(o)));
+        let ttl = retention.as_millis().max(1).to_string();
+        let stamp = stamp.to_string();
+        let stored: Result<i64, _> = self
+            .script(
+                "put",
+                PUT,
+                &keys,
+                &[stamp.as_bytes(), ttl.as_bytes(), value],
+            )
+            .await;
+        let stored = stored.is_ok_and(|n| n == 1);
+        let result = if stored { "stored" } else { "refused" };
+        self.metrics.l2_stores.with_label_values(&[result]).inc();
+        stored
+    }
+
+    /// Drops the entry under a cache key.
+    pub async fn remove(&self, key: &[u8; 32]) {
+        let mut del = redis::cmd("DEL");
+        del.arg(self.entry_key("e", key));
+        let _: Result<i64, _> = self.query("remove", del).await;
+    }
+
+    /// Takes the fill lock of a cache key, or waits (bounded) for the
+    /// replica that holds it to store its answer.
+    pub async fn claim(&self, key: &[u8; 32]) -> Claim {
+        let lock = self.entry_key("l", key);
+        let token: String = format!("{:032x}", rand::random::<u128>());
+        let wait = self.settings.lock_wait;
+        let mut set = redis::cmd("SET");
+        set.arg(&lock)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
+        match self.query::<Option<String>>("lock", set).await {
+            Ok(Some(_)) => return Claim::Held(LockToken { key: lock, token }),
+            Ok(None) => {}
+            Err(_) => return Claim::Proceed,
+        }
+        let entry = self.entry_key("e", key);
+        let deadline = Instant::now() + wait;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+            pause = (pause * 2).min(Duration::from_millis(25));
+            let polled: Result<(i64, Option<Vec<u8>>), _> = self
+                .script("lock", POLL, &[entry.clone(), lock.clone()], &[])
+                .await;
+            let waits = &self.metrics.lock_waits;
+            match polled {
+                Ok((1, Some(bytes))) => {
+                    waits.with_label_values(&["filled"]).inc();
+                    return Claim::Filled(bytes);
+                }
+                Ok((0, _)) if Instant::now() < deadline => continue,
+                Ok((0, _)) => {
+                    waits.with_label_values(&["timeout"]).inc();
+                    return Claim::Proceed;
+                }
+                Ok(_) => {
+                    waits.with_label_values(&["released"]).inc();
+                    return Claim::Proceed;
+                }
+                Err(_) => return Claim::Proceed,
+            }
+        }
+    }
+
+    /// Releases a fill lock if it is still this replica's.
+    pub async fn release(&self, lock: LockToken) {
+        let _: Result<i64, _> = self
+            .script("lock", RELEASE, &[lock.key], &[lock.token.as_bytes()])
+            .await;
+    }
+
+    /// Shares throttle or pressure scopes: `(scope, expiry as Unix ms,
+    /// payload)`; they stay visible to every replica until their expiry.
+    pub async fn share_throttles(&self, scopes: &[(String, u64)]) {
+        if scopes.is_empty() {
+            return;
+        }
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(self.key("meta", "throttles"));
+        for (member, until) in scopes {
+            zadd.arg(*until).arg(member);
+        }
+        if self.query::<i64>("throttle", zadd).await.is_ok() {
+            self.metrics
+                .throttles
+                .with_label_values(&["sent"])
+                .inc_by(scopes.len() as u64);
+        }
+    }
+
+    /// The fleet's throttle and pressure scopes that have not expired, with
+    /// their expiry (Unix ms); expired ones are pruned.
+    pub async fn throttles(&self) -> Option<Vec<(String, u64)>> {
+        let key = self.key("meta", "throttles");
+        let now = unix_ms();
+        let mut prune = redis::cmd("ZREMRANGEBYSCORE");
+        prune.arg(&key).arg("-inf").arg(now);
+        let _: Result<i64, _> = self.query("throttle", prune).await;
+        let mut range = redis::cmd("ZRANGEBYSCORE");
+        range.arg(&key).arg(now).arg("+inf").arg("WITHSCORES");
+        let scopes: Vec<(String, f64)> = self.query("throttle", range).await.ok()?;
+        Some(scopes.into_iter().map(|(m, s)| (m, s as u64)).collect())
+    }
+
+    /// One health round: a `PING` while degraded (so recovery is noticed
+    /// without traffic), then any marks that could not be sent.
+    pub async fn tend(&self) {
+        if !self.is_healthy() {
+            let _: Result<String, _> = self.query("ping", redis::cmd("PING")).await;
+        }
+        if !self.is_healthy() {
+            return;
+        }
+        let (objects, everything) = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                std::mem::take(&mut pending.objects),
+                std::mem::take(&mut pending.everything),
+            )
+        };
+        if everything {
+            self.mark_everything().await;
+        } else if !objects.is_empty() {
+            let objects: Vec<&str> = objects.iter().map(String::as_str).collect();
+            for chunk in objects.chunks(500) {
+                self.mark_written(chunk).await;
+            }
+        }
+    }
+
+    /// Pending marks not yet sent (tests, metrics).
+    #[cfg(test)]
+    pub fn pending_marks(&self) -> usize {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.objects.len() + usize::from(pending.everything)
+    }
+}
+
+/// True for a failure the connection manager answers by reconnecting (a
+/// connection Redis dropped, e.g. on restart): worth one retry within the
+/// same timeout, so a restart costs no request its shared state.
+fn reconnects(error: &redis::RedisError) -> bool {
+    error.is_connection_dropped() || error.is_io_error()
+}
+
+/// Wall-clock milliseconds: the one clock replicas share.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet() -> Arc<Fleet> {
+        let settings = FleetSettings {
+            url: "redis://127.0.0.1:1/".to_owned(),
+            namespace: "t".to_owned(),
+            timeout: Duration::from_millis(50),
+            degraded_max_age: Duration::from_secs(2),
+            lock_wait: Duration::from_millis(100),
+            required: false,
+            secret: Some("0123456789abcdef".to_owned()),
+        };
+        Fleet::new(settings, &Registry::new()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn keys_are_namespaced_versioned_and_hold_no_raw_id() {
+        let f = fleet();
+        assert_eq!(f.seq_key(), "t:v1:seq");
+        let mark = f.mark_key("act_123");
+        assert!(
+            mark.starts_with("t:v1:w:") && !mark.contains("act_123"),
+            "{mark}"
+        );
+        assert_eq!(
+            f.entry_key("e", &[0xab; 32]),
+            format!("t:v1:e:{}", "ab".repeat(32))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_degrades_and_keeps_marks_for_later() {
+        let f = fleet();
+        assert_eq!(f.ticket().await, None);
+        assert!(!f.is_healthy());
+        assert_eq!(f.check(Some(1), &["1"]).await, Check::Unknown);
+        f.mark_written(&["1", "2"]).await;
+        assert_eq!(f.pending_marks(), 2);
+        f.tend().await;
+        assert_eq!(f.pending_marks(), 2, "kept while Redis is down");
+        assert!(matches!(f.claim(&[0; 32]).await, Claim::Proceed));
+    }
+
+    #[tokio::test]
+    async fn a_configured_secret_keys_identities_without_redis() {
+        let a = fleet().identity_secret().await.unwrap();
+        let b = fleet().identity_secret().await.unwrap();
+        assert_eq!(a, b);
+    }
+}
