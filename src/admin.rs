@@ -19,6 +19,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub limits: Arc<crate::ratelimit::RateLimits>,
     pub store: MemoryStore,
+    /// The fleet's shared tier, whose state `/readyz` reports.
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
     /// True while the proxy listener accepts; false once draining starts.
     pub ready: Arc<AtomicBool>,
 }
@@ -45,8 +47,20 @@ impl Admin {
                 response
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
-            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+            "/readyz" if !self.ready.load(Ordering::Acquire) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            }
+            "/readyz" => match &self.fleet {
+                Some(fleet) if !fleet.is_healthy() && fleet.settings().required => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: fleet redis unreachable (redis_required)\n",
+                ),
+                Some(fleet) if !fleet.is_healthy() => text(
+                    StatusCode::OK,
+                    "ready (degraded: fleet redis unreachable; serving from memory and upstream)\n",
+                ),
+                _ => text(StatusCode::OK, "ready\n"),
+            },
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found; try /metrics, /healthz or /readyz\n",

@@ -14,11 +14,29 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::admin::Admin;
-use crate::cache::MemoryStore;
+use crate::cache::{MemoryStore, TieredStore, TokenHasher};
 use crate::config::Config;
+use crate::fleet::Fleet;
 use crate::metrics::{CloseReason, Metrics};
 use crate::proxy::Proxy;
 use crate::ratelimit::RateLimits;
+
+/// The fleet's identity secret, asked of Redis for up to two seconds. Without
+/// it this replica's callers would get identities no sibling shares, so it
+/// runs with a key of its own and shares only write marks and throttles.
+async fn fleet_identity(fleet: &Fleet) -> Option<[u8; 32]> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match fleet.identity_secret().await {
+            Ok(secret) => return Some(secret),
+            Err(error) if std::time::Instant::now() >= deadline => {
+                tracing::error!(%error, "cannot get the fleet's identity key from Redis: entries stay in this replica (set fleet_secret to start without Redis)");
+                return None;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+}
 
 /// A bound, not yet running graphcache: both listeners are open, so a caller
 /// (or a test) can learn the ephemeral ports before traffic starts.
@@ -46,12 +64,34 @@ impl Graphcache {
             config.upstream_timeout * 2,
             Arc::new(move |cause| evictions.count_eviction(cause)),
         );
-        // 3. Graph's usage and throttle state.
-        let limits = Arc::new(RateLimits::new(config.throttle.clone()));
-        // 4. The request path: upstream client, packer, flights.
+        // 3. In a fleet, the shared tier and the fleet's identity key.
+        let (store, tokens, fleet) = match &config.fleet {
+            None => (TieredStore::alone(store), TokenHasher::random(), None),
+            Some(settings) => {
+                let fleet = Fleet::new(settings.clone(), metrics.registry())
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                fleet.set_longest_retention(config.routes.longest_retention());
+                let (tokens, shared) = match fleet_identity(&fleet).await {
+                    Some(secret) => (TokenHasher::with_secret(secret), true),
+                    None => (TokenHasher::random(), false),
+                };
+                (
+                    TieredStore::with_fleet(store, fleet.clone(), shared),
+                    tokens,
+                    Some(fleet),
+                )
+            }
+        };
+        // 4. Graph's usage and throttle state (shared in a fleet).
+        let limits = Arc::new(match fleet {
+            Some(_) => RateLimits::shared(config.throttle.clone()),
+            None => RateLimits::new(config.throttle.clone()),
+        });
+        // 5. The request path: upstream client, packer, flights.
         let proxy = Arc::new(Proxy::new(
             Arc::new(config),
             store.clone(),
+            tokens,
             limits.clone(),
             metrics.clone(),
         ));
@@ -59,7 +99,8 @@ impl Graphcache {
         let admin = Arc::new(Admin {
             metrics,
             limits,
-            store,
+            store: store.memory().clone(),
+            fleet,
             ready: ready.clone(),
         });
         Ok(Self {
@@ -104,6 +145,13 @@ impl Graphcache {
             builder.clone(),
             admin_stopped,
         ));
+        // In a fleet: throttle sharing and Redis health, until shutdown.
+        let fleet_task = self.admin.fleet.clone().map(|fleet| {
+            tokio::spawn(crate::ratelimit::share::sync(
+                self.admin.limits.clone(),
+                fleet,
+            ))
+        });
         self.ready.store(true, Ordering::Release);
         tracing::info!(
             listen = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -171,6 +219,13 @@ impl Graphcache {
         }
         let _ = admin_stop.send(());
         let _ = admin_task.await;
+        if let Some(task) = fleet_task {
+            // Marks that never reached Redis go with one last try.
+            task.abort();
+            if let Some(fleet) = &self.admin.fleet {
+                fleet.tend().await;
+            }
+        }
     }
 }
 

@@ -45,8 +45,12 @@ fn bytes_of(quantity: &str) -> u64 {
 
 /// Runs `graphcache --check-config` on `toml` with `env`; its stdout.
 fn check_config(toml: &str, env: &[(&str, &str)]) -> String {
+    // One directory per call: two tests checking the same text at once
+    // must not remove each other's file.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
-        "graphcache-deploy-{}-{}",
+        "graphcache-deploy-{}-{call}-{}",
         std::process::id(),
         blake3::hash(toml.as_bytes()).to_hex()
     ));

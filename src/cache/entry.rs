@@ -53,6 +53,10 @@ pub struct CachedResponse {
     pub members_unindexed: bool,
     /// What its `Vary` names, when it names anything graphcache honours.
     pub vary: Option<VaryValues>,
+    /// In a fleet: the fleet's write sequence when the read that filled it
+    /// started (None: Redis did not answer then, or no fleet). A write mark
+    /// above it on one of `objects` means the entry is pre-write data.
+    pub fleet_stamp: Option<u64>,
     /// Distinguishes successive entries under one key in the index.
     pub(super) entry_id: u64,
 }
@@ -86,6 +90,7 @@ impl CachedResponse {
             objects,
             members_unindexed: false,
             vary: None,
+            fleet_stamp: None,
             entry_id: 0,
         }
     }
@@ -156,6 +161,7 @@ impl CachedResponse {
             objects: self.objects.clone(),
             members_unindexed: self.members_unindexed,
             vary: self.vary.clone(),
+            fleet_stamp: None,
             entry_id: 0,
         }
     }

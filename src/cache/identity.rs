@@ -85,8 +85,7 @@ impl TokenHasher {
         }
     }
 
-    /// A hasher with a fixed secret, for tests.
-    #[cfg(test)]
+    /// A hasher with a fixed secret: a fleet's shared one, or a test's.
     pub fn with_secret(secret: [u8; 32]) -> Self {
         Self { secret }
     }

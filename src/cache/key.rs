@@ -16,6 +16,13 @@ use crate::graph::query::{QueryParams, CREDENTIAL_PARAMS};
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheKey([u8; 32]);
 
+impl CacheKey {
+    /// The key's bytes (the shared tier's key names them in hex).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
 impl fmt::Debug for CacheKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for b in &self.0[..8] {

@@ -27,6 +27,8 @@ use crate::graph::routes::ObjectId;
 pub struct ReadTicket {
     sequence: u64,
     taken: Instant,
+    /// The fleet's write sequence, in a fleet whose Redis answered.
+    pub(super) fleet: Option<u64>,
 }
 
 impl ReadTicket {
@@ -143,10 +145,11 @@ impl Store for MemoryStore {
     }
 
     /// Take before going upstream for a read that may be stored.
-    fn read_ticket(&self) -> ReadTicket {
+    async fn read_ticket(&self) -> ReadTicket {
         ReadTicket {
             sequence: self.write_seq.load(Ordering::Acquire),
             taken: Instant::now(),
+            fleet: None,
         }
     }
 
@@ -328,7 +331,10 @@ mod tests {
             ("/v1/act_1", "b"),
             ("/v1/act_2", "a"),
         ] {
-            assert!(s.put(key(path, token), entry(path), s.read_ticket()).await);
+            assert!(
+                s.put(key(path, token), entry(path), s.read_ticket().await)
+                    .await
+            );
         }
         let dropped = s.invalidate_objects(&objects_of("/v1/act_1/ads", [])).await;
         assert_eq!(dropped, 2);
@@ -340,13 +346,13 @@ mod tests {
     #[tokio::test]
     async fn a_read_that_started_before_a_write_is_not_stored() {
         let s = store();
-        let ticket = s.read_ticket();
+        let ticket = s.read_ticket().await;
         s.invalidate_objects(&objects_of("/v1/7", [])).await;
         assert!(!s.put(key("/v1/7", "t"), entry("/v1/7"), ticket).await);
         assert!(s.get(&key("/v1/7", "t")).await.is_none());
         // A read that starts after the write stores normally.
         assert!(
-            s.put(key("/v1/7", "t"), entry("/v1/7"), s.read_ticket())
+            s.put(key("/v1/7", "t"), entry("/v1/7"), s.read_ticket().await)
                 .await
         );
     }
@@ -355,7 +361,7 @@ mod tests {
     async fn reads_older_than_the_write_memory_are_not_stored() {
         let s = MemoryStore::new(1 << 20, Duration::ZERO, Arc::new(|_| {}));
         assert!(
-            !s.put(key("/v1/8", "t"), entry("/v1/8"), s.read_ticket())
+            !s.put(key("/v1/8", "t"), entry("/v1/8"), s.read_ticket().await)
                 .await
         );
     }
@@ -373,8 +379,8 @@ mod tests {
     async fn replacing_an_entry_keeps_it_indexed() {
         let s = store();
         let k = key("/v1/9", "t");
-        s.put(k, entry("/v1/9"), s.read_ticket()).await;
-        s.put(k, entry("/v1/9"), s.read_ticket()).await;
+        s.put(k, entry("/v1/9"), s.read_ticket().await).await;
+        s.put(k, entry("/v1/9"), s.read_ticket().await).await;
         s.sync().await;
         assert_eq!(s.invalidate_objects(&objects_of("/v1/9", [])).await, 1);
         assert!(s.get(&k).await.is_none());
@@ -383,14 +389,14 @@ mod tests {
     #[tokio::test]
     async fn a_write_to_everything_drops_all_and_stops_older_reads() {
         let s = store();
-        let ticket = s.read_ticket();
-        s.put(key("/v1/1", "t"), entry("/v1/1"), s.read_ticket())
+        let ticket = s.read_ticket().await;
+        s.put(key("/v1/1", "t"), entry("/v1/1"), s.read_ticket().await)
             .await;
         assert_eq!(s.invalidate_all().await, 1);
         assert!(s.get(&key("/v1/1", "t")).await.is_none());
         assert!(!s.put(key("/v1/2", "t"), entry("/v1/2"), ticket).await);
         assert!(
-            s.put(key("/v1/2", "t"), entry("/v1/2"), s.read_ticket())
+            s.put(key("/v1/2", "t"), entry("/v1/2"), s.read_ticket().await)
                 .await
         );
     }

@@ -3,7 +3,9 @@
 //! - [`key`]: the blake3 cache key of a read;
 //! - [`identity`]: the caller identity every key and flight carries;
 //! - [`entry`]: a stored answer with its freshness, `Vary` and 304 rules;
-//! - [`memory`]: the byte-bounded in-process store (moka) and its object index.
+//! - [`memory`]: the byte-bounded in-process store (moka) and its object index;
+//! - [`tiered`]: memory as L1 before the fleet's Redis as L2 (`redis_url`),
+//!   with the entry format of [`wire`].
 //!
 //! The request path sees a store only through [`Store`], so a shared store
 //! (Redis, for a fleet of sidecars) can stand beside the in-process one.
@@ -15,11 +17,15 @@ pub mod entry;
 pub mod identity;
 pub mod key;
 pub mod memory;
+pub mod tiered;
+pub mod wire;
 
 pub use entry::{CachedResponse, Freshness};
 pub use identity::{TokenHasher, TokenIdentity};
 pub use key::CacheKey;
 pub use memory::{MemoryStore, ReadTicket};
+pub use tiered::{FillClaim, TieredStore};
+pub use wire::{OwnedSecrets, Secrets};
 
 use crate::graph::routes::ObjectId;
 
@@ -52,8 +58,9 @@ impl WriteScope {
 pub trait Store: Send + Sync {
     /// The entry under `key`, shared, copying nothing.
     fn get(&self, key: &CacheKey) -> impl Future<Output = Option<Arc<CachedResponse>>> + Send;
-    /// A snapshot of the write sequence, taken before going upstream.
-    fn read_ticket(&self) -> ReadTicket;
+    /// A snapshot of the write sequence, taken before going upstream (in a
+    /// fleet, the fleet's too: one Redis round trip).
+    fn read_ticket(&self) -> impl Future<Output = ReadTicket> + Send;
     /// Stores `entry` unless a write to its objects landed after `ticket`.
     fn put(
         &self,

@@ -15,7 +15,7 @@ use http::{Method, StatusCode};
 use serde_json::{Map, Value};
 
 use crate::cache::key::cache_key;
-use crate::cache::Store;
+use crate::cache::{Secrets, Store};
 use crate::client_batch::plan::{
     item_caller, item_identity, set_validator, standalone, write_scope, WriteScope,
 };
@@ -100,7 +100,7 @@ impl Proxy {
             .headers
             .get(header::USER_AGENT)
             .map_or(&b""[..], |v| v.as_bytes());
-        let ticket = self.store.read_ticket();
+        let ticket = self.store.read_ticket().await;
         let now = Instant::now();
         let include_headers = batch.include_headers;
         let config = self.config.load_full();
@@ -127,6 +127,7 @@ impl Proxy {
                     continue;
                 }
             };
+            let batch_credentials = credentials.as_ref().ok();
             let read = ReadKey {
                 key: cache_key(&path, &query, user_agent, &identity),
                 path: &path,
@@ -134,6 +135,15 @@ impl Proxy {
                 identity,
                 headers: &head.headers,
                 control,
+                secrets: Secrets::of(
+                    query
+                        .get("access_token")
+                        .or_else(|| batch_credentials.and_then(|c| c.token.as_deref())),
+                    batch_credentials.and_then(|c| c.authorization.as_deref()),
+                    query
+                        .get("appsecret_proof")
+                        .or_else(|| batch_credentials.and_then(|c| c.proof.as_deref())),
+                ),
             };
             match self.lookup(&read, now).await {
                 Lookup::Serve(entry, reason) => {
@@ -175,6 +185,7 @@ impl Proxy {
                         entry,
                         vary_basis: head.headers.clone(),
                         status_of: job_status_of(&path, &query),
+                        secrets: read.secrets.to_owned(),
                     })));
                 }
             }

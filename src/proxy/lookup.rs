@@ -8,7 +8,7 @@ use std::time::Instant;
 use http::HeaderMap;
 
 use crate::cache::entry::MAX_ENTRY_OBJECTS;
-use crate::cache::{CacheKey, CachedResponse, Freshness, Store, TokenIdentity};
+use crate::cache::{CacheKey, CachedResponse, Freshness, Secrets, TokenIdentity};
 use crate::error::ProxyError;
 use crate::graph::query::QueryParams;
 use crate::graph::routes::{objects_of, ObjectId};
@@ -41,12 +41,15 @@ pub(crate) struct ReadKey<'a> {
     /// The request headers an entry's `Vary` is matched against.
     pub headers: &'a HeaderMap,
     pub control: ClientCacheControl,
+    /// The caller's credentials, which an entry from the fleet's Redis gets
+    /// back in its links.
+    pub secrets: Secrets<'a>,
 }
 
 impl Proxy {
     /// Decides how `read` is answered (see the module doc).
     pub(crate) async fn lookup(&self, read: &ReadKey<'_>, now: Instant) -> Lookup {
-        let stored = self.store.get(&read.key).await;
+        let stored = self.store.get_for(&read.key, read.secrets).await;
         let vary_miss = stored
             .as_ref()
             .is_some_and(|e| !e.matches_vary(read.headers));

@@ -20,7 +20,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::body::ResponseBody;
-use crate::cache::{MemoryStore, TokenHasher};
+use crate::cache::{TieredStore, TokenHasher};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::graph::paging::PagingRewriter;
@@ -50,8 +50,9 @@ use respond::{rewrite_paging, Handled};
 pub struct Proxy {
     /// The running configuration; SIGHUP swaps it whole (see [`Proxy::reload`]).
     pub(crate) config: ArcSwap<Config>,
-    /// The byte-bounded store and its object index.
-    pub(crate) store: MemoryStore,
+    /// The byte-bounded store and its object index, before the fleet's
+    /// Redis when there is one.
+    pub(crate) store: TieredStore,
     /// The pooled client for the one upstream.
     pub(crate) upstream: Arc<Upstream>,
     /// Sends cacheable GETs alone or packed into Graph batches.
@@ -78,7 +79,8 @@ impl Proxy {
     /// Builds the request path over its parts.
     pub(crate) fn new(
         config: Arc<Config>,
-        store: MemoryStore,
+        store: TieredStore,
+        tokens: TokenHasher,
         limits: Arc<RateLimits>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -95,7 +97,7 @@ impl Proxy {
             body_budget: Arc::new(tokio::sync::Semaphore::new(config.max_buffered_bytes)),
             paging: PagingRewriter::new(&config.upstream),
             flights: Flights::default(),
-            tokens: TokenHasher::random(),
+            tokens,
             packer,
             upstream,
             limits,
@@ -114,6 +116,8 @@ impl Proxy {
         let ignored = next.keep_restart_only(&running);
         self.limits.set_settings(next.throttle.clone());
         self.packer.set_settings(next.packing.clone());
+        self.store
+            .set_longest_retention(next.routes.longest_retention());
         self.config.store(Arc::new(next));
         self.metrics.count_reload(true);
         ignored

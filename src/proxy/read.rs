@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use http::header;
 use http::request::Parts;
 
+use crate::cache::identity::authorization_credential;
 use crate::cache::key::cache_key;
-use crate::cache::{CacheKey, CachedResponse, Store, TokenIdentity};
+use crate::cache::{CacheKey, CachedResponse, FillClaim, Secrets, Store, TokenIdentity};
 use crate::error::ProxyError;
 use crate::graph::batch;
 use crate::graph::routes::CachePolicy;
@@ -18,7 +19,7 @@ use crate::metrics::Outcome;
 use crate::proxy::classify::Request;
 use crate::proxy::lookup::{Lookup, ReadKey};
 use crate::proxy::respond::{
-    answer_response, check_encoding, serve_entry, CacheStatus, Detail, Fwd, Handled,
+    answer_response, check_encoding, serve_entry, CacheStatus, Detail, Fwd, Handled, HitReason,
 };
 use crate::proxy::settle::{job_status_of, Cacheable, Settled, VaryCheck};
 use crate::proxy::{GaugeGuard, Proxy};
@@ -40,6 +41,10 @@ pub(crate) enum FetchOutcome {
         entry: Arc<CachedResponse>,
         fwd: Fwd,
         upstream_us: u64,
+    },
+    /// Another replica of the fleet fetched it while this one waited.
+    Filled {
+        entry: Arc<CachedResponse>,
     },
     /// Upstream failed; this entry is young enough to serve.
     Stale {
@@ -64,7 +69,7 @@ impl FetchOutcome {
         match self {
             Self::Revalidated { upstream_us, .. } | Self::Stale { upstream_us, .. } => *upstream_us,
             Self::Answer { answer, .. } => answer.upstream_us,
-            Self::Failed(_) => 0,
+            Self::Filled { .. } | Self::Failed(_) => 0,
         }
     }
 
@@ -72,9 +77,9 @@ impl FetchOutcome {
     /// request whose headers differ where the answer varies gets its own call.
     fn admits(&self, headers: &http::HeaderMap) -> bool {
         match self {
-            Self::Revalidated { entry, .. } | Self::Stale { entry, .. } => {
-                entry.matches_vary(headers)
-            }
+            Self::Revalidated { entry, .. }
+            | Self::Stale { entry, .. }
+            | Self::Filled { entry } => entry.matches_vary(headers),
             Self::Answer { vary, .. } => vary.admits(headers),
             Self::Failed(_) => true,
         }
@@ -92,6 +97,7 @@ impl Proxy {
     ) -> Result<Handled, ProxyError> {
         let parts = request.parts;
         let path = parts.uri.path();
+        let authorization = authorization_credential(&parts.headers);
         let read = ReadKey {
             key: cache_key(path, &request.query, request.user_agent, &identity),
             path,
@@ -99,6 +105,11 @@ impl Proxy {
             identity,
             headers: &parts.headers,
             control: request.control,
+            secrets: Secrets::of(
+                request.query.get("access_token"),
+                authorization.as_deref(),
+                request.query.get("appsecret_proof"),
+            ),
         };
         let now = Instant::now();
         let (entry, fwd, objects) = match self.lookup(&read, now).await {
@@ -124,11 +135,12 @@ impl Proxy {
             key: read.key,
             policy,
             objects,
-            ticket: self.store.read_ticket(),
+            ticket: self.store.read_ticket().await,
             validated: validator.is_some(),
             entry,
             vary_basis: parts.headers.clone(),
             status_of: job_status_of(path, &request.query),
+            secrets: read.secrets.to_owned(),
         };
         let get = self.upstream_get(request, identity, validator);
         let (outcome, joined) = self.fetch(cacheable, fwd, get).await?;
@@ -221,8 +233,34 @@ impl Proxy {
         }
     }
 
-    /// Goes upstream (alone or in a batch), then settles the answer.
+    /// A cold miss first asks the fleet (one replica fetches, the others
+    /// wait for its entry); then goes upstream and settles the answer, and
+    /// only then lets the fleet's waiters look.
     async fn run_fetch(&self, cacheable: Cacheable, fwd: Fwd, get: UpstreamGet) -> FetchOutcome {
+        let lock = if cacheable.entry.is_none() {
+            match self
+                .store
+                .claim(&cacheable.key, cacheable.secrets.borrow())
+                .await
+            {
+                FillClaim::Filled(entry) => return FetchOutcome::Filled { entry },
+                FillClaim::Fetch(lock) => lock,
+            }
+        } else {
+            None
+        };
+        let outcome = self.fetch_upstream(cacheable, fwd, get).await;
+        self.store.release(lock).await;
+        outcome
+    }
+
+    /// Goes upstream (alone or in a batch), then settles the answer.
+    async fn fetch_upstream(
+        &self,
+        cacheable: Cacheable,
+        fwd: Fwd,
+        get: UpstreamGet,
+    ) -> FetchOutcome {
         let answer = match self.packer.dispatch(get).await {
             Ok(answer) => answer,
             Err(error) => {
@@ -291,6 +329,13 @@ impl Proxy {
                     detail: Some(Detail::StaleIfError),
                 },
                 Outcome::Stale,
+            )),
+            FetchOutcome::Filled { entry } => Ok(serve_entry(
+                parts,
+                entry,
+                now,
+                HitReason::Fresh.status(),
+                HitReason::Fresh.outcome(),
             )),
             FetchOutcome::Failed(error) => Err(error.clone()),
             FetchOutcome::Answer {

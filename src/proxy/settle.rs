@@ -11,7 +11,7 @@ use http::StatusCode;
 use crate::cache::entry::{
     owned_headers, vary_of, vary_values, Vary, VaryValues, MAX_ENTRY_OBJECTS,
 };
-use crate::cache::{CacheKey, CachedResponse, Freshness, ReadTicket, Store};
+use crate::cache::{CacheKey, CachedResponse, Freshness, OwnedSecrets, ReadTicket, Store};
 use crate::graph::jobs::{job_read, job_state, JobRead};
 use crate::graph::members::members_of;
 use crate::graph::query::QueryParams;
@@ -35,6 +35,8 @@ pub(crate) struct Cacheable {
     /// The node, when this reads a bare node that may be an async job's
     /// status: its answer says whether the job finished.
     pub status_of: Option<ObjectId>,
+    /// The caller's credentials, for an entry another replica fills.
+    pub secrets: OwnedSecrets,
 }
 
 /// The node of a read that could be an async job's status (`GET /<id>`).

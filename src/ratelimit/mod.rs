@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 
 mod export;
 mod observe;
+pub mod share;
 
 #[cfg(test)]
 use observe::{seconds, MAX_WAIT};
@@ -103,7 +104,7 @@ impl Verdict {
 }
 
 /// Usage older than this no longer counts as pressure.
-const USAGE_MEMORY: Duration = Duration::from_secs(300);
+pub(crate) const USAGE_MEMORY: Duration = Duration::from_secs(300);
 /// At most one warning per this interval for malformed headers.
 pub(super) const WARN_INTERVAL_SECS: u64 = 60;
 
@@ -116,6 +117,8 @@ pub struct RateLimits {
     active: AtomicBool,
     labels: Mutex<HashSet<String>>,
     last_warning: AtomicU64,
+    /// In a fleet: what this replica saw, for [`share`] to send.
+    outbox: Option<Mutex<Vec<share::Shared>>>,
 }
 
 impl RateLimits {
@@ -126,7 +129,74 @@ impl RateLimits {
             active: AtomicBool::new(false),
             labels: Mutex::default(),
             last_warning: AtomicU64::new(0),
+            outbox: None,
         }
+    }
+
+    /// State that also shares what it sees with a fleet (see [`share`]).
+    pub fn shared(settings: ThrottleSettings) -> Self {
+        Self {
+            outbox: Some(Mutex::default()),
+            ..Self::new(settings)
+        }
+    }
+
+    /// Queues a scope for the fleet, when there is one.
+    fn share(&self, scope: &Scope, wait: Duration, code: i64, ratio: f64) {
+        if let Some(outbox) = &self.outbox {
+            let mut outbox = outbox.lock().unwrap_or_else(|e| e.into_inner());
+            if outbox.len() < share::MAX_QUEUED {
+                outbox.push(share::Shared::new(scope, wait, code, ratio));
+            }
+        }
+    }
+
+    /// What was queued for the fleet since the last call.
+    pub(crate) fn take_shared(&self) -> Vec<share::Shared> {
+        self.outbox.as_ref().map_or_else(Vec::new, |outbox| {
+            std::mem::take(&mut *outbox.lock().unwrap_or_else(|e| e.into_inner()))
+        })
+    }
+
+    /// Applies a scope another replica saw: throttled for `wait` with
+    /// `code`, or under pressure `ratio`, whichever is larger than what this
+    /// replica knows. Returns whether it changed anything.
+    pub(crate) fn import(
+        &self,
+        scope: Scope,
+        wait: Option<Duration>,
+        code: i64,
+        ratio: f64,
+    ) -> bool {
+        let now = Instant::now();
+        self.active.store(true, Ordering::Release);
+        let mut scopes = self.lock();
+        prune(&mut scopes, now);
+        let state = scopes.entry(scope).or_insert(ScopeState {
+            throttled_until: None,
+            code,
+            usage: None,
+        });
+        let mut changed = false;
+        if let Some(until) = wait.and_then(|w| now.checked_add(w)) {
+            if state
+                .throttled_until
+                .is_none_or(|u| u + Duration::from_millis(500) < until)
+            {
+                state.throttled_until = Some(until);
+                state.code = code;
+                changed = true;
+            }
+        }
+        if ratio > 0.0
+            && state
+                .usage
+                .is_none_or(|(r, at)| r < ratio || now.duration_since(at) >= USAGE_MEMORY)
+        {
+            state.usage = Some((ratio, now));
+            changed = true;
+        }
+        changed
     }
 
     /// Reads the usage headers of one upstream answer (a response, a 304,
@@ -142,7 +212,7 @@ impl RateLimits {
         let mut scopes = self.lock();
         prune(&mut scopes, now);
         for update in observations.scopes {
-            let state = scopes.entry(update.scope).or_insert(ScopeState {
+            let state = scopes.entry(update.scope.clone()).or_insert(ScopeState {
                 throttled_until: None,
                 code: 0,
                 usage: None,
@@ -157,6 +227,11 @@ impl RateLimits {
                 if state.code == 0 {
                     state.code = 80_000;
                 }
+            }
+            let pressure = update.ratio >= self.settings().pressure_threshold;
+            if update.blocked.is_some() || pressure {
+                let wait = update.blocked.unwrap_or(Duration::ZERO);
+                self.share(&update.scope, wait, state.code, update.ratio);
             }
         }
     }
@@ -188,6 +263,7 @@ impl RateLimits {
         let mut scopes = self.lock();
         prune(&mut scopes, now);
         for (scope, wait) in throttle.blocked {
+            let scope_key = scope.clone();
             tracing::warn!(scope = ?scope, code, wait_seconds = wait.as_secs(), "Graph is throttling; serving stored entries for this scope");
             let state = scopes.entry(scope).or_insert(ScopeState {
                 throttled_until: None,
@@ -196,6 +272,7 @@ impl RateLimits {
             });
             state.throttled_until = now.checked_add(wait);
             state.code = code;
+            self.share(&scope_key, wait, code, 0.0);
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod faults;
 pub mod mock_graph;
+pub mod redis;
 
 use std::net::SocketAddr;
 
