@@ -418,3 +418,74 @@ fn compose_example_wires_graphcache_the_mock_and_prometheus_with_the_alert_rules
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn kubernetes_fleet_example_points_every_sidecar_at_its_redis_service() {
+    let docs = load("examples/kubernetes/fleet.yaml");
+    let config_map = Kubernetes::kind(&docs, "ConfigMap");
+    let text = str_of(&config_map["data"]["graphcache.toml"], "the fleet config");
+    let deployments: Vec<&Yaml> = docs
+        .iter()
+        .filter(|d| d["kind"].as_str() == Some("Deployment"))
+        .collect();
+    let app = deployments
+        .iter()
+        .find(|d| d["metadata"]["name"].as_str() == Some("ads-reporter"))
+        .expect("the app's Deployment");
+    assert!(app["spec"]["replicas"].as_i64().unwrap() > 1, "several pods");
+    let sidecar = app["spec"]["template"]["spec"]["containers"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str() == Some("graphcache"))
+        .expect("a graphcache sidecar");
+    // The secret comes from a Secret; everything else as the pod runs it.
+    let mut env: Vec<(String, String)> = dockerfile_env()
+        .into_iter()
+        .filter(|(k, _)| k != "GRAPHCACHE_CONFIG")
+        .collect();
+    for var in sidecar["env"].as_vec().unwrap() {
+        let name = str_of(&var["name"], "env name").to_owned();
+        match var["value"].as_str() {
+            Some(value) => env.push((name, value.to_owned())),
+            None => {
+                assert_eq!(name, "GRAPHCACHE_FLEET_SECRET");
+                assert_eq!(
+                    var["valueFrom"]["secretKeyRef"]["name"].as_str(),
+                    Some("graphcache-fleet")
+                );
+                env.push((name, "0123456789abcdef0123456789abcdef".to_owned()));
+            }
+        }
+    }
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let effective = check_config(text, &pairs);
+    let service = docs
+        .iter()
+        .find(|d| {
+            d["kind"].as_str() == Some("Service")
+                && d["metadata"]["name"].as_str() == Some("graphcache-redis")
+        })
+        .expect("a Service for Redis");
+    let port = service["spec"]["ports"][0]["port"].as_i64().unwrap();
+    assert!(
+        effective.contains(&format!(
+            "redis_url = \"redis://graphcache-redis:{port}/0\""
+        )),
+        "{effective}"
+    );
+    assert!(!effective.contains("0123456789abcdef"), "the secret is never printed");
+    // Redis as a cache: no persistence, evicting closest-to-expiry first.
+    let redis = deployments
+        .iter()
+        .find(|d| d["metadata"]["name"].as_str() == Some("graphcache-redis"))
+        .expect("Redis's Deployment");
+    let args: Vec<&str> = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(args.windows(2).any(|w| w == ["--maxmemory-policy", "volatile-ttl"]));
+    assert!(args.windows(2).any(|w| w == ["--save", ""]));
+}
