@@ -3,6 +3,8 @@
 //! graphcache's admin port every second while traffic drives every panel,
 //! then every dashboard query and every alert rule must be valid and return
 //! data. Also runs `promtool check metrics` and `promtool check rules`.
+//! graphcache runs in fleet mode on a real `redis-server`, so the fleet
+//! panels have data too; Redis is killed at the end for the fleet alert.
 //! Without Prometheus the test says loudly that it skipped; under CI it fails.
 
 mod support;
@@ -110,8 +112,11 @@ async fn dashboard_and_alert_queries_return_data_from_a_real_prometheus() {
         String::from_utf8_lossy(&check.stdout)
     );
 
+    let mut redis = support::redis::RedisServer::start().await;
+    let fleet = redis.settings("prometheus");
     let h = Arc::new(
-        Harness::with(|c| {
+        Harness::with(move |c| {
+            c.fleet = Some(fleet);
             c.cache_max_bytes = 40_000;
             c.packing.max_in_flight = 1;
             c.routes.rules = vec![graphcache::routes::RouteRule::new(
@@ -167,6 +172,10 @@ async fn dashboard_and_alert_queries_return_data_from_a_real_prometheus() {
     assert!(up, "Prometheus never scraped graphcache");
 
     drive_traffic(&h).await;
+    // The fleet's Redis goes away: graphcache notices, and the alert's
+    // query has something to show.
+    redis.kill();
+    h.wait_for_metric("graphcache_redis_up", 0.0).await;
 
     // promtool lints the exposition once every series exists.
     let exposition = h.admin_get("/metrics").await.body;
@@ -208,7 +217,7 @@ async fn dashboard_and_alert_queries_return_data_from_a_real_prometheus() {
             .iter()
             .filter(|(n, _)| n.starts_with("alert"))
             .count(),
-        3,
+        4,
         "all alert rules loaded"
     );
 
