@@ -585,7 +585,25 @@ impl RawConfig {
             None => Vec::new(),
         };
         let fleet = match self.redis_url.filter(|u| !u.trim().is_empty()) {
-            None => None,
+            None => {
+                let stray = [
+                    ("redis_namespace", self.redis_namespace.is_some()),
+                    ("redis_timeout_ms", self.redis_timeout_ms.is_some()),
+                    (
+                        "redis_degraded_max_age",
+                        self.redis_degraded_max_age.is_some(),
+                    ),
+                    ("redis_lock_wait_ms", self.redis_lock_wait_ms.is_some()),
+                    ("redis_required", self.redis_required.is_some()),
+                    ("fleet_secret", self.fleet_secret.is_some()),
+                ];
+                if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
+                    return Err(ConfigError::Invalid(format!(
+                        "{key} is set but redis_url is not; set redis_url (fleet mode) or remove {key}"
+                    )));
+                }
+                None
+            }
             Some(url) => {
                 let url = url.trim().to_owned();
                 if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
@@ -974,6 +992,11 @@ impl Config {
                 self.fleet.as_ref().map_or(Duration::ZERO, |f| f.lock_wait),
                 MAX_TIMEOUT,
             ),
+            (
+                "redis_timeout_ms",
+                self.fleet.as_ref().map_or(Duration::ZERO, |f| f.timeout),
+                Duration::from_secs(10),
+            ),
             ("coalesce_wait", self.coalesce.wait, MAX_TIMEOUT),
             ("throttle_backoff", self.throttle.backoff, MAX_TIMEOUT),
             ("batch_window_ms", self.packing.window, MAX_TIMEOUT),
@@ -989,8 +1012,12 @@ impl Config {
             if value > max {
                 return Err(ConfigError::Invalid(format!(
                     "{key} = {} is too large; expected at most {}",
-                    value.as_secs(),
-                    if key == "batch_window_ms" {
+                    if key.ends_with("_ms") {
+                        value.as_millis()
+                    } else {
+                        value.as_secs() as u128
+                    },
+                    if key.ends_with("_ms") {
                         max.as_millis()
                     } else {
                         max.as_secs() as u128
@@ -1112,6 +1139,69 @@ mod tests {
             &[],
         )
         .unwrap();
+    }
+
+    #[test]
+    fn fleet_keys_are_checked_and_their_secrets_never_printed() {
+        let env = |pairs: &[(&str, &str)]| load(Cli::default(), pairs);
+        let c = env(&[
+            (
+                "GRAPHCACHE_REDIS_URL",
+                "redis://:hunter2hunter2@redis:6379/0",
+            ),
+            ("GRAPHCACHE_FLEET_SECRET", "0123456789abcdef-secret"),
+        ])
+        .unwrap();
+        let fleet = c.fleet.as_ref().unwrap();
+        assert_eq!(fleet.namespace, "graphcache");
+        assert_eq!(fleet.timeout, Duration::from_millis(50));
+        let printed = format!("{}{:?}", c.effective_toml(), c);
+        assert!(
+            printed.contains("redis_url = \"redis://:***@redis:6379/0\""),
+            "{printed}"
+        );
+        assert!(!printed.contains("hunter2") && !printed.contains("abcdef-secret"));
+        // The flag wins, as for every key.
+        let flag = load(
+            Cli {
+                redis_url: Some("rediss://cache:6380".to_owned()),
+                ..Cli::default()
+            },
+            &[("GRAPHCACHE_REDIS_URL", "redis://other:6379")],
+        )
+        .unwrap();
+        assert_eq!(flag.fleet.unwrap().url, "rediss://cache:6380");
+        for (pairs, needle) in [
+            (&[("GRAPHCACHE_REDIS_URL", "http://redis")][..], "redis_url"),
+            (
+                &[("GRAPHCACHE_FLEET_SECRET", "0123456789abcdef")][..],
+                "fleet_secret is set but redis_url is not",
+            ),
+            (
+                &[
+                    ("GRAPHCACHE_REDIS_URL", "redis://r"),
+                    ("GRAPHCACHE_FLEET_SECRET", "short"),
+                ][..],
+                "fleet_secret is too short",
+            ),
+            (
+                &[
+                    ("GRAPHCACHE_REDIS_URL", "redis://r"),
+                    ("GRAPHCACHE_REDIS_TIMEOUT_MS", "60000"),
+                ][..],
+                "redis_timeout_ms = 60000 is too large; expected at most 10000",
+            ),
+            (
+                &[
+                    ("GRAPHCACHE_REDIS_URL", "redis://r"),
+                    ("GRAPHCACHE_REDIS_NAMESPACE", "a b"),
+                ][..],
+                "redis_namespace",
+            ),
+        ] {
+            let err = env(pairs).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
     }
 
     #[test]

@@ -68,9 +68,14 @@ impl Graphcache {
         let (store, tokens, fleet) = match &config.fleet {
             None => (TieredStore::alone(store), TokenHasher::random(), None),
             Some(settings) => {
-                let fleet = Fleet::new(settings.clone(), metrics.registry())
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                let fleet = Fleet::new(
+                    settings.clone(),
+                    config.upstream_timeout,
+                    metrics.registry(),
+                )
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
                 fleet.set_longest_retention(config.routes.longest_retention());
+                fleet.check_eviction_policy().await;
                 let (tokens, shared) = match fleet_identity(&fleet).await {
                     Some(secret) => (TokenHasher::with_secret(secret), true),
                     None => (TokenHasher::random(), false),

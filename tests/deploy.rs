@@ -432,7 +432,10 @@ fn kubernetes_fleet_example_points_every_sidecar_at_its_redis_service() {
         .iter()
         .find(|d| d["metadata"]["name"].as_str() == Some("ads-reporter"))
         .expect("the app's Deployment");
-    assert!(app["spec"]["replicas"].as_i64().unwrap() > 1, "several pods");
+    assert!(
+        app["spec"]["replicas"].as_i64().unwrap() > 1,
+        "several pods"
+    );
     let sidecar = app["spec"]["template"]["spec"]["containers"]
         .as_vec()
         .unwrap()
@@ -474,7 +477,10 @@ fn kubernetes_fleet_example_points_every_sidecar_at_its_redis_service() {
         )),
         "{effective}"
     );
-    assert!(!effective.contains("0123456789abcdef"), "the secret is never printed");
+    assert!(
+        !effective.contains("0123456789abcdef"),
+        "the secret is never printed"
+    );
     // Redis as a cache: no persistence, evicting closest-to-expiry first.
     let redis = deployments
         .iter()
@@ -486,6 +492,8 @@ fn kubernetes_fleet_example_points_every_sidecar_at_its_redis_service() {
         .iter()
         .map(|a| a.as_str().unwrap())
         .collect();
-    assert!(args.windows(2).any(|w| w == ["--maxmemory-policy", "volatile-ttl"]));
+    assert!(args
+        .windows(2)
+        .any(|w| w == ["--maxmemory-policy", "volatile-ttl"]));
     assert!(args.windows(2).any(|w| w == ["--save", ""]));
 }

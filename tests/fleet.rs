@@ -206,9 +206,17 @@ async fn with_redis_killed_every_request_is_answered_and_nothing_stale_outlives_
         assert_eq!(version(&reply), 1, "replica {i}: {}", reply.cache_status());
     }
     for h in &r {
-        assert_eq!(h.metric("graphcache_redis_up").await, 0.0);
-        assert!(h.metric("graphcache_redis_errors_total{op=\"mark\"}").await >= 0.0);
+        h.wait_for_metric("graphcache_redis_up", 0.0).await;
     }
+    assert!(
+        r[0].metric("graphcache_redis_errors_total{op=\"mark\"}")
+            .await
+            >= 1.0,
+        "the write's mark failed and was kept"
+    );
+    let sent_before = r[0]
+        .metric("graphcache_fleet_invalidations_sent_total")
+        .await;
     let ready = r[0].admin_get("/readyz").await;
     assert_eq!(ready.status, 200);
     assert!(ready.text().contains("degraded"), "{}", ready.text());
@@ -227,6 +235,12 @@ async fn with_redis_killed_every_request_is_answered_and_nothing_stale_outlives_
     for h in &r {
         h.wait_for_metric("graphcache_redis_up", 1.0).await;
     }
+    // The mark kept during the outage is sent once Redis answers.
+    r[0].wait_for_metric_at_least(
+        "graphcache_fleet_invalidations_sent_total",
+        sent_before + 1.0,
+    )
+    .await;
     assert_eq!(r[2].admin_get("/readyz").await.status, 200);
     // The shared tier works again: a new key fetched once for all three.
     let fresh = format!("/v26.0/act_5?access_token={TOKEN}");
@@ -253,14 +267,25 @@ async fn redis_restarted_empty_drops_what_memory_holds() {
     for h in &r {
         h.get(&target).await;
     }
-    redis.restart().await;
-    // Its write marks are gone: a write through replica 1 now must still
-    // reach replica 2, whose memory entry predates the restart.
+    // A write through replica 1 is marked; then Redis restarts empty
+    // before replica 3, which only reads, has looked at its memory entry.
     r[0].post_form(&format!("/v26.0/act_6?access_token={TOKEN}"), "b=1")
         .await;
-    let reply = r[1].get(&target).await;
+    redis.restart().await;
+    // The mark is gone, but the sequence went backwards: replica 3 notices
+    // on its hit and does not serve what memory holds.
+    let reply = r[2].get(&target).await;
     assert_eq!(version(&reply), 1, "{}", reply.cache_status());
-    assert_eq!(mock.writes(), 2);
+    // A write through replica 2, which never wrote before (its entry came
+    // from Redis), reaches replicas 1 and 3.
+    r[0].get(&target).await;
+    r[1].post_form(&format!("/v26.0/act_6?access_token={TOKEN}"), "c=1")
+        .await;
+    for h in [&r[2], &r[0]] {
+        let reply = h.get(&target).await;
+        assert_eq!(version(&reply), 2, "{}", reply.cache_status());
+    }
+    assert_eq!(mock.writes(), 3);
 }
 
 #[tokio::test]
@@ -309,8 +334,34 @@ async fn no_token_reaches_redis_in_any_key_or_value() {
             }
         }
     }
-    assert!(
-        settings(&r[0]).secret.is_none(),
-        "the secret came from Redis"
+    // The identity key came from Redis (none was configured).
+    assert!(settings(&r[0]).secret.is_none());
+    assert!(dump.iter().any(|(k, _)| k == b"test:v1:meta:secret"));
+}
+
+#[tokio::test]
+async fn a_read_after_a_sibling_s_write_never_joins_a_fetch_from_before_it() {
+    let redis = RedisServer::start().await;
+    let (mock, r) = fleet(&redis, |_, _| {}).await;
+    let listing = format!("/v26.0/act_11/campaigns?access_token={TOKEN}");
+    // Replica 2 starts a fetch that Graph holds.
+    mock.hold("campaigns");
+    let before = spawn_get(&r[1], &listing, &[]);
+    mock.wait_for_requests(1).await;
+    // A write through replica 1 returns meanwhile.
+    let wrote = r[0]
+        .post_form(&format!("/v26.0/act_11?access_token={TOKEN}"), "name=w")
+        .await;
+    assert_eq!(wrote.status, 200);
+    // A read through replica 2 now must not share the older fetch.
+    let after = spawn_get(&r[1], &listing, &[]);
+    mock.wait_for_requests(3).await;
+    mock.release();
+    assert_eq!(before.await.unwrap().status, 200);
+    assert_eq!(after.await.unwrap().status, 200);
+    assert_eq!(
+        mock.reads(),
+        2,
+        "the read after the write made its own call"
     );
 }

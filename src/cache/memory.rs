@@ -36,6 +36,11 @@ impl ReadTicket {
     pub fn sequence(&self) -> u64 {
         self.sequence
     }
+
+    /// The fleet's write sequence when the read started, if known.
+    pub fn fleet_sequence(&self) -> Option<u64> {
+        self.fleet
+    }
 }
 
 #[derive(Default)]

@@ -9,14 +9,16 @@
 //! within `redis_degraded_max_age` are served; older ones are revalidated.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use memchr::memmem;
 
 use crate::cache::entry::CachedResponse;
 use crate::cache::key::CacheKey;
 use crate::cache::memory::{MemoryStore, ReadTicket};
 use crate::cache::wire::{self, Secrets};
-use crate::cache::Store;
-use crate::fleet::{unix_ms, Check, Claim, Fleet, LockToken};
+use crate::cache::{Freshness, Store};
+use crate::fleet::{unix_ms, Check, Claim, Fleet, LockToken, Put};
 use crate::graph::routes::ObjectId;
 
 /// The store: memory, and the fleet's Redis when there is one.
@@ -31,10 +33,37 @@ pub struct TieredStore {
 
 /// What a cold miss learns from the fleet before going upstream.
 pub enum FillClaim {
-    /// Fetch; release the lock (if any) with [`TieredStore::release`].
-    Fetch(Option<LockToken>),
+    /// Fetch, holding the fleet's fill lock if there is one.
+    Fetch(Option<FillLock>),
     /// Another replica fetched it meanwhile: serve this.
     Filled(Arc<CachedResponse>),
+}
+
+/// The fleet's fill lock for one key. Released with [`FillLock::release`]
+/// once the answer is stored; if the fetch is dropped first (a client gone,
+/// coalescing off), released from a task, so siblings never wait it out.
+pub struct FillLock {
+    fleet: Arc<Fleet>,
+    token: Option<LockToken>,
+}
+
+impl FillLock {
+    pub async fn release(mut self) {
+        if let Some(token) = self.token.take() {
+            self.fleet.release(token).await;
+        }
+    }
+}
+
+impl Drop for FillLock {
+    fn drop(&mut self) {
+        if let Some(token) = self.token.take() {
+            let fleet = self.fleet.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { fleet.release(token).await });
+            }
+        }
+    }
 }
 
 impl TieredStore {
@@ -62,7 +91,7 @@ impl TieredStore {
     }
 
     /// Keeps the fleet's write marks alive as long as entries may live.
-    pub fn set_longest_retention(&self, retention: std::time::Duration) {
+    pub fn set_longest_retention(&self, retention: Duration) {
         if let Some(fleet) = &self.fleet {
             fleet.set_longest_retention(retention);
         }
@@ -70,13 +99,26 @@ impl TieredStore {
 
     /// For a miss with no entry at all: the fleet's fill lock, or the entry
     /// the replica holding it stored.
-    pub async fn claim(&self, key: &CacheKey, secrets: Secrets<'_>) -> FillClaim {
+    pub async fn claim(
+        &self,
+        key: &CacheKey,
+        ticket: ReadTicket,
+        secrets: Secrets<'_>,
+    ) -> FillClaim {
         let Some(fleet) = self.fleet.as_ref().filter(|_| self.shared_entries) else {
             return FillClaim::Fetch(None);
         };
+        // Without the fleet's sequence (Redis did not answer) there is no
+        // lock to share.
+        let Some(seq) = ticket.fleet_sequence() else {
+            return FillClaim::Fetch(None);
+        };
         let local = self.memory.read_ticket().await;
-        match fleet.claim(key.as_bytes()).await {
-            Claim::Held(token) => FillClaim::Fetch(Some(token)),
+        match fleet.claim(key.as_bytes(), seq).await {
+            Claim::Held(token) => FillClaim::Fetch(Some(FillLock {
+                fleet: fleet.clone(),
+                token: Some(token),
+            })),
             Claim::Proceed => FillClaim::Fetch(None),
             Claim::Filled(bytes) => match self.admit(fleet, key, &bytes, local, secrets).await {
                 Some(entry) => FillClaim::Filled(entry),
@@ -85,16 +127,11 @@ impl TieredStore {
         }
     }
 
-    /// Releases a fill lock taken by [`TieredStore::claim`].
-    pub async fn release(&self, lock: Option<LockToken>) {
-        if let (Some(fleet), Some(lock)) = (&self.fleet, lock) {
-            fleet.release(lock).await;
-        }
-    }
-
     /// An entry read from Redis, if its stamp is still good: kept in memory
     /// too, under a local ticket taken before it was read (so a local write
-    /// in between keeps it out).
+    /// in between keeps it out). One that a write mark outdates is deleted
+    /// from Redis, so the next miss waits on the fill lock instead of
+    /// finding it again.
     async fn admit(
         &self,
         fleet: &Fleet,
@@ -110,8 +147,9 @@ impl TieredStore {
         };
         match fleet.check(entry.fleet_stamp, &names(&entry.objects)).await {
             Check::Valid => {}
-            Check::Written => {
+            Check::Written | Check::Unstamped => {
                 lookups.with_label_values(&["invalid"]).inc();
+                fleet.remove(key.as_bytes()).await;
                 return None;
             }
             Check::Unknown => return None,
@@ -156,9 +194,23 @@ impl TieredStore {
             return self.shared_get(fleet, key, secrets).await;
         }
         if let Some(entry) = entry {
-            match fleet.check(entry.fleet_stamp, &names(&entry.objects)).await {
+            let check = fleet.check(entry.fleet_stamp, &names(&entry.objects)).await;
+            if fleet.take_lost_data() {
+                self.memory.invalidate_all().await;
+                return self.shared_get(fleet, key, secrets).await;
+            }
+            match check {
                 Check::Valid => return Some(entry),
-                Check::Unknown => return Some(degraded(entry, fleet.settings().degraded_max_age)),
+                Check::Unknown => {
+                    return Some(degraded(
+                        entry,
+                        fleet.settings().degraded_max_age,
+                        Instant::now(),
+                    ))
+                }
+                // Stored while Redis did not answer: revalidate (a 304
+                // stamps it).
+                Check::Unstamped => return Some(degraded(entry, Duration::ZERO, Instant::now())),
                 Check::Written => {
                     fleet.metrics.marks_received.inc();
                     self.memory.remove(key).await;
@@ -167,18 +219,99 @@ impl TieredStore {
         }
         self.shared_get(fleet, key, secrets).await
     }
+
+    /// Stores `entry` in memory and, in a fleet, in Redis, unless a write
+    /// to its objects landed after `ticket`. `secrets` are the credentials
+    /// of the caller it was fetched for: an entry that carries one (or any
+    /// credential-looking field) stays in memory only.
+    pub async fn put_for(
+        &self,
+        key: CacheKey,
+        mut entry: CachedResponse,
+        ticket: ReadTicket,
+        secrets: Secrets<'_>,
+    ) -> bool {
+        let Some(fleet) = &self.fleet else {
+            return self.memory.put(key, entry, ticket).await;
+        };
+        entry.fleet_stamp = ticket.fleet;
+        let shared = match ticket.fleet.filter(|_| self.shared_entries) {
+            Some(stamp) => {
+                let body = wire::scrub(&entry.body);
+                shareable(&entry, &body, secrets).then(|| {
+                    (
+                        stamp,
+                        wire::encode(&entry, &body, stamp, Instant::now(), unix_ms()),
+                        entry.objects.clone(),
+                        entry.policy.retention(),
+                    )
+                })
+            }
+            None => None,
+        };
+        if !self.memory.put(key, entry, ticket).await {
+            return false;
+        }
+        if let Some((stamp, bytes, objects, retention)) = shared {
+            let put = fleet
+                .put(key.as_bytes(), stamp, &names(&objects), &bytes, retention)
+                .await;
+            if put == Put::Refused {
+                // A sibling's write landed while this read was upstream.
+                self.memory.remove(&key).await;
+                return false;
+            }
+        }
+        true
+    }
 }
 
 fn names(objects: &[ObjectId]) -> Vec<&str> {
     objects.iter().map(ObjectId::as_str).collect()
 }
 
+/// Headers whose values are credentials: an entry that varies on one keeps
+/// the caller's credential among its `Vary` values.
+const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
+
+/// True when `entry` (whose body, scrubbed of link credentials, is `body`)
+/// may go to Redis: no credential of its caller anywhere in it, no
+/// `access_token` field (page tokens in `/me/accounts`, token exchanges),
+/// no `Vary` on a credential header.
+fn shareable(entry: &CachedResponse, body: &[u8], secrets: Secrets<'_>) -> bool {
+    if memmem::find(body, b"\"access_token\"").is_some() {
+        return false;
+    }
+    if entry.vary.as_ref().is_some_and(|values| {
+        values
+            .iter()
+            .any(|(name, _)| CREDENTIAL_HEADERS.contains(&name.as_str()))
+    }) {
+        return false;
+    }
+    for secret in [secrets.token, secrets.proof].into_iter().flatten() {
+        let secret = secret.as_bytes();
+        if memmem::find(body, secret).is_some()
+            || entry
+                .headers
+                .values()
+                .any(|v| memmem::find(v.as_bytes(), secret).is_some())
+            || entry
+                .objects
+                .iter()
+                .any(|o| memmem::find(o.as_str().as_bytes(), secret).is_some())
+        {
+            return false;
+        }
+    }
+    true
+}
+
 /// While Redis cannot say whether `entry` was written, it is served only if
 /// upstream validated it within `max_age`; otherwise a copy that is no
 /// longer fresh goes back, so the read revalidates it (a 304 is cheap).
-fn degraded(entry: Arc<CachedResponse>, max_age: std::time::Duration) -> Arc<CachedResponse> {
-    let now = Instant::now();
-    if entry.age(now) < max_age || entry.freshness(now) != super::Freshness::Fresh {
+fn degraded(entry: Arc<CachedResponse>, max_age: Duration, now: Instant) -> Arc<CachedResponse> {
+    if entry.age(now) < max_age || entry.freshness(now) != Freshness::Fresh {
         return entry;
     }
     // Aged by its whole fresh TTL from when it was stored, so it is not
@@ -205,29 +338,9 @@ impl Store for TieredStore {
         ticket
     }
 
-    async fn put(&self, key: CacheKey, mut entry: CachedResponse, ticket: ReadTicket) -> bool {
-        let Some(fleet) = &self.fleet else {
-            return self.memory.put(key, entry, ticket).await;
-        };
-        entry.fleet_stamp = ticket.fleet;
-        let shared = match ticket.fleet.filter(|_| self.shared_entries) {
-            Some(stamp) => Some((
-                stamp,
-                wire::encode(&entry, stamp, Instant::now(), unix_ms()),
-                entry.objects.clone(),
-                entry.policy.retention(),
-            )),
-            None => None,
-        };
-        if !self.memory.put(key, entry, ticket).await {
-            return false;
-        }
-        if let Some((stamp, bytes, objects, retention)) = shared {
-            fleet
-                .put(key.as_bytes(), stamp, &names(&objects), &bytes, retention)
-                .await;
-        }
-        true
+    /// [`TieredStore::put_for`] a caller presenting no credential.
+    async fn put(&self, key: CacheKey, entry: CachedResponse, ticket: ReadTicket) -> bool {
+        self.put_for(key, entry, ticket, Secrets::default()).await
     }
 
     async fn remove(&self, key: &CacheKey) {
@@ -251,5 +364,77 @@ impl Store for TieredStore {
             fleet.mark_everything().await;
         }
         dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::routes::{objects_of, CachePolicy};
+    use bytes::Bytes;
+    use http::{HeaderMap, HeaderName, HeaderValue};
+
+    fn entry(body: &'static [u8], path: &str) -> CachedResponse {
+        CachedResponse::new(
+            HeaderMap::new(),
+            Bytes::from_static(body),
+            None,
+            CachePolicy::ttls(60, 600),
+            objects_of(path, []).into(),
+        )
+    }
+
+    #[test]
+    fn entries_carrying_a_credential_stay_in_memory() {
+        let token = Secrets {
+            token: Some("EAAsecretsecret"),
+            proof: None,
+        };
+        let plain = entry(b"{\"id\":\"1\"}", "/v1/1");
+        assert!(shareable(&plain, &plain.body, token));
+        // Page tokens (/me/accounts), token exchanges (/oauth/access_token).
+        let pages = entry(
+            b"{\"data\":[{\"access_token\":\"EAAp\"}]}",
+            "/v1/me/accounts",
+        );
+        assert!(!shareable(&pages, &pages.body, Secrets::default()));
+        // The caller's own token echoed anywhere.
+        let echoed = entry(b"{\"note\":\"EAAsecretsecret\"}", "/v1/1");
+        assert!(!shareable(&echoed, &echoed.body, token));
+        let mut in_header = plain.clone();
+        in_header
+            .headers
+            .insert("x-echo", HeaderValue::from_static("EAAsecretsecret"));
+        assert!(!shareable(&in_header, &in_header.body, token));
+        // Varying on a credential header keeps the credential as a value.
+        let mut varies = plain.clone();
+        varies.vary = Some(Box::new([(
+            HeaderName::from_static("authorization"),
+            Some(HeaderValue::from_static("Bearer EAAx")),
+        )]));
+        assert!(!shareable(&varies, &varies.body, Secrets::default()));
+    }
+
+    #[test]
+    fn while_degraded_only_recently_validated_entries_stay_fresh() {
+        let now = Instant::now();
+        let mut young = entry(b"{}", "/v1/1");
+        young.stored_at = now - Duration::from_secs(1);
+        let young = Arc::new(young);
+        let kept = degraded(young.clone(), Duration::from_secs(2), now);
+        assert!(Arc::ptr_eq(&kept, &young), "served as it is");
+        let mut old = entry(b"{}", "/v1/1");
+        old.stored_at = now - Duration::from_secs(3);
+        let aged = degraded(Arc::new(old), Duration::from_secs(2), now);
+        assert_ne!(aged.freshness(now), Freshness::Fresh, "revalidated");
+        // Not fresh at an earlier instant either (the lookup's own clock).
+        assert_ne!(
+            aged.freshness(now - Duration::from_millis(500)),
+            Freshness::Fresh
+        );
+        assert!(
+            aged.freshness(now) != Freshness::Expired,
+            "still usable if Graph fails"
+        );
     }
 }

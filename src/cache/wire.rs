@@ -121,7 +121,7 @@ fn value_end(byte: u8) -> bool {
 
 /// `body` with every credential parameter's value replaced by its
 /// placeholder; borrowed when it has none.
-pub(super) fn scrub(body: &[u8]) -> Cow<'_, [u8]> {
+pub fn scrub(body: &[u8]) -> Cow<'_, [u8]> {
     let mut out: Cow<'_, [u8]> = Cow::Borrowed(body);
     for (param, placeholder) in CREDENTIAL_PARAMS {
         if memmem::find(&out, param).is_none() {
@@ -174,14 +174,15 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The bytes of `entry`, stamped `stamp`, as of `now` / `now_unix_ms`.
+/// The bytes of `entry`, stamped `stamp`, as of `now` / `now_unix_ms`,
+/// with `body` (its body as [`scrub`] left it).
 pub(super) fn encode(
     entry: &CachedResponse,
+    body: &[u8],
     stamp: u64,
     now: Instant,
     now_unix_ms: u64,
 ) -> Vec<u8> {
-    let body = scrub(&entry.body);
     let wire = Wire {
         version: VERSION,
         stamp,
@@ -209,7 +210,7 @@ pub(super) fn encode(
                 })
                 .collect()
         }),
-        body: &body,
+        body,
     };
     postcard::to_allocvec(&wire).expect("an entry always serialises")
 }
@@ -303,7 +304,7 @@ mod tests {
             None,
         )]));
         let now = Instant::now();
-        let bytes = encode(&entry, 42, now, 1_000_000);
+        let bytes = encode(&entry, &entry.body, 42, now, 1_000_000);
         // Read back 1.5 s later on another replica's clocks.
         let later = now + Duration::from_secs(10);
         let back = decode(&bytes, later, 1_001_500, Secrets::default()).unwrap();
@@ -329,7 +330,7 @@ mod tests {
             CachePolicy::ttls(1, 1),
             objects_of("/v1/1", []).into(),
         );
-        let mut bytes = encode(&entry, 1, Instant::now(), 5);
+        let mut bytes = encode(&entry, &entry.body, 1, Instant::now(), 5);
         bytes[0] = 2; // version 2
         assert!(decode(&bytes, Instant::now(), 5, none).is_none());
     }

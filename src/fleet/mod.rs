@@ -25,7 +25,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -151,8 +151,12 @@ const OPS: [&str; 10] = [
 pub enum Check {
     /// No object of the entry was written since its read started.
     Valid,
-    /// One was: the entry is pre-write data.
+    /// One was (or may have been: a mark this replica could not send yet,
+    /// or Redis lost its data): the entry is pre-write data.
     Written,
+    /// Redis answers, but the entry has no stamp (it was stored while Redis
+    /// did not answer): revalidate it before serving it.
+    Unstamped,
     /// Redis did not answer: the caller applies the degraded rule.
     Unknown,
 }
@@ -174,12 +178,26 @@ pub struct LockToken {
     token: String,
 }
 
+/// What offering an entry to Redis came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    Stored,
+    /// A write mark newer than the entry's stamp: it is pre-write data.
+    Refused,
+    /// Redis did not answer.
+    Failed,
+}
+
 /// Objects written while Redis could not be told.
 #[derive(Default)]
 struct Pending {
     objects: HashSet<String>,
     everything: bool,
 }
+
+/// Consecutive failed calls before the fleet counts as degraded (one slow
+/// answer is not an outage).
+const FAILURES_TO_DEGRADE: u32 = 3;
 
 /// The connection to the fleet's Redis and what rides on it.
 pub struct Fleet {
@@ -188,11 +206,16 @@ pub struct Fleet {
     settings: FleetSettings,
     pub metrics: FleetMetrics,
     healthy: AtomicBool,
+    failures: AtomicU32,
     /// Highest sequence number seen: a lower one means Redis lost its data.
     highest_seen: AtomicU64,
     /// How long write marks live: longer than any entry may be kept.
     mark_ttl_ms: AtomicU64,
+    /// How long a fill lock lives: longer than any upstream exchange.
+    lock_ttl: Duration,
     pending: Mutex<Pending>,
+    /// Fast path: false while nothing is pending.
+    has_pending: AtomicBool,
     /// Set when Redis lost its data: every entry in memory must go.
     lost_data: AtomicBool,
 }
@@ -234,6 +257,26 @@ end
 return 0
 ";
 
+/// Keeps, per field, the report that expires last; drops expired ones.
+/// ARGV: now, then (field, expiry, value) triples.
+const SHARE: &str = r"
+local now = tonumber(ARGV[1])
+for i = 2, #ARGV, 3 do
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  local keep = old and tonumber(string.match(old, '^(%d+)')) or 0
+  if tonumber(ARGV[i + 1]) > keep then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+  end
+end
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if tonumber(string.match(all[i + 1], '^(%d+)')) <= now then
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return redis.call('HVALS', KEYS[1])
+";
+
 /// A Redis call's failure, for logs.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -241,11 +284,18 @@ pub enum FleetError {
     Redis(#[from] redis::RedisError),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("redis unreachable; not asked until it answers a ping")]
+    Degraded,
 }
 
 impl Fleet {
     /// Connects lazily: graphcache starts, and serves, with Redis down.
-    pub fn new(settings: FleetSettings, registry: &Registry) -> Result<Arc<Self>, FleetError> {
+    /// Fill locks outlive `upstream_timeout`, so a slow fetch keeps its lock.
+    pub fn new(
+        settings: FleetSettings,
+        upstream_timeout: Duration,
+        registry: &Registry,
+    ) -> Result<Arc<Self>, FleetError> {
         let client = redis::Client::open(settings.url.as_str())?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(200))))
@@ -262,9 +312,12 @@ impl Fleet {
             settings,
             metrics,
             healthy: AtomicBool::new(true),
+            failures: AtomicU32::new(0),
             highest_seen: AtomicU64::new(0),
             mark_ttl_ms: AtomicU64::new(86_400_000),
+            lock_ttl: upstream_timeout + Duration::from_secs(5),
             pending: Mutex::default(),
+            has_pending: AtomicBool::new(false),
             lost_data: AtomicBool::new(false),
         }))
     }
@@ -323,11 +376,16 @@ impl Fleet {
     }
 
     /// Runs one Redis call under the timeout, counting and timing it, and
-    /// keeping the health state (logged once per change).
+    /// keeping the health state (logged once per change). While degraded,
+    /// only pings go out: the request path does not wait on a dead Redis.
     async fn call<T, F>(&self, op: &'static str, call: F) -> Result<T, FleetError>
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
+        if !self.is_healthy() && op != "ping" {
+            self.metrics.errors.with_label_values(&[op]).inc();
+            return Err(FleetError::Degraded);
+        }
         let started = Instant::now();
         let result = match tokio::time::timeout(self.settings.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
@@ -338,10 +396,16 @@ impl Fleet {
             .duration
             .observe(started.elapsed().as_secs_f64());
         match &result {
-            Ok(_) => self.set_health(true, None),
+            Ok(_) => {
+                self.failures.store(0, Ordering::Release);
+                self.set_health(true, None);
+            }
             Err(e) => {
                 self.metrics.errors.with_label_values(&[op]).inc();
-                self.set_health(false, Some(e));
+                let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+                if failures >= FAILURES_TO_DEGRADE || op == "ping" {
+                    self.set_health(false, Some(e));
+                }
             }
         }
         result
@@ -423,6 +487,38 @@ impl Fleet {
         ))
     }
 
+    /// Warns when Redis may evict write marks before the entries that
+    /// depend on them (any policy but `noeviction` and `volatile-ttl`).
+    /// Managed Redis often refuses `CONFIG`: then nothing is said.
+    pub async fn check_eviction_policy(&self) {
+        let mut get = redis::cmd("CONFIG");
+        get.arg("GET").arg("maxmemory-policy");
+        if let Ok(pair) = self.query::<Vec<String>>("secret", get).await {
+            if let Some(policy) = pair.get(1) {
+                if policy != "noeviction" && policy != "volatile-ttl" {
+                    tracing::warn!(
+                        policy = %policy,
+                        "the fleet's Redis may evict write marks before the entries they guard; use maxmemory-policy volatile-ttl (README, Fleet mode)"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Notes a sequence number read from Redis; true when it is below one
+    /// seen before, i.e. Redis lost its data. Then everything is marked
+    /// written past the highest number seen, and memory must be dropped.
+    async fn lost(&self, seq: u64) -> bool {
+        let highest = self.highest_seen.fetch_max(seq, Ordering::AcqRel);
+        if seq >= highest {
+            return false;
+        }
+        tracing::warn!("fleet Redis lost its write sequence; dropping every shared entry");
+        self.lost_data.store(true, Ordering::Release);
+        let _ = self.mark(&[self.all_key()]).await;
+        true
+    }
+
     /// The fleet's write sequence now, taken before a read goes upstream.
     /// None when Redis does not answer.
     pub async fn ticket(&self) -> Option<u64> {
@@ -430,15 +526,8 @@ impl Fleet {
         get.arg(self.seq_key());
         let seq: Option<u64> = self.query("ticket", get).await.ok()?;
         let seq = seq.unwrap_or(0);
-        let highest = self.highest_seen.fetch_max(seq, Ordering::AcqRel);
-        if seq < highest {
-            // Redis restarted empty or from an old snapshot: marks were
-            // lost, so no stamp can be trusted. Mark everything past the
-            // highest number seen, and drop what memory holds.
-            tracing::warn!("fleet Redis lost its write sequence; dropping every shared entry");
-            self.lost_data.store(true, Ordering::Release);
-            let marked = self.mark(&[self.all_key()]).await.ok()?;
-            return Some(marked);
+        if self.lost(seq).await {
+            return Some(self.highest_seen.load(Ordering::Acquire));
         }
         Some(seq)
     }
@@ -458,13 +547,16 @@ impl Fleet {
 
     /// Marks `objects` written (every entry depending on one, in every
     /// replica, stops being served). Awaited before the write's client is
-    /// answered. When Redis does not answer, the marks are kept and sent
-    /// as soon as it does.
+    /// answered; a failed attempt is tried once more. When Redis still does
+    /// not answer, the marks are kept: this replica treats those objects as
+    /// written until they are sent, and sends them as soon as it can.
     pub async fn mark_written(&self, objects: &[&str]) {
         let marks: Vec<String> = objects.iter().map(|o| self.mark_key(o)).collect();
-        if self.mark(&marks).await.is_ok() {
-            self.metrics.marks_sent.inc_by(objects.len() as u64);
-            return;
+        for _ in 0..2 {
+            if self.mark(&marks).await.is_ok() {
+                self.metrics.marks_sent.inc_by(objects.len() as u64);
+                return;
+            }
         }
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         pending
@@ -474,34 +566,65 @@ impl Fleet {
             pending.objects.clear();
             pending.everything = true;
         }
+        self.has_pending.store(true, Ordering::Release);
     }
 
     /// Marks everything written (a write graphcache cannot attribute).
     pub async fn mark_everything(&self) {
-        if self.mark(&[self.all_key()]).await.is_ok() {
-            self.metrics.marks_sent.inc();
-            return;
+        for _ in 0..2 {
+            if self.mark(&[self.all_key()]).await.is_ok() {
+                self.metrics.marks_sent.inc();
+                return;
+            }
         }
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         pending.objects.clear();
         pending.everything = true;
+        self.has_pending.store(true, Ordering::Release);
+    }
+
+    /// True when one of `objects` was written by this replica and the mark
+    /// has not reached Redis yet.
+    fn pending_for(&self, objects: &[&str]) -> bool {
+        if !self.has_pending.load(Ordering::Acquire) {
+            return false;
+        }
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.everything || objects.iter().any(|o| pending.objects.contains(*o))
     }
 
     /// Whether an entry stamped `stamp` (None: stored while Redis was
-    /// unreachable) over `objects` may be served. One `MGET`.
+    /// unreachable) over `objects` may be served. One `MGET`, which also
+    /// reads the sequence, so a Redis that lost its data is noticed on hits.
     pub async fn check(&self, stamp: Option<u64>, objects: &[&str]) -> Check {
-        let Some(stamp) = stamp else {
-            return Check::Unknown;
-        };
+        if self.pending_for(objects) {
+            return Check::Written;
+        }
+        if let Some(stamp) = stamp {
+            self.highest_seen.fetch_max(stamp, Ordering::AcqRel);
+        }
         let mut mget = redis::cmd("MGET");
-        mget.arg(self.all_key());
+        mget.arg(self.seq_key()).arg(self.all_key());
         for object in objects {
             mget.arg(self.mark_key(object));
         }
-        match self.query::<Vec<Option<u64>>>("check", mget).await {
-            Ok(marks) if marks.iter().flatten().any(|m| *m > stamp) => Check::Written,
-            Ok(_) => Check::Valid,
-            Err(_) => Check::Unknown,
+        let marks: Vec<Option<u64>> = match self.query("check", mget).await {
+            Ok(marks) => marks,
+            Err(_) => return Check::Unknown,
+        };
+        if self
+            .lost(marks.first().copied().flatten().unwrap_or(0))
+            .await
+        {
+            return Check::Written;
+        }
+        let Some(stamp) = stamp else {
+            return Check::Unstamped;
+        };
+        if marks.iter().skip(1).flatten().any(|m| *m > stamp) {
+            Check::Written
+        } else {
+            Check::Valid
         }
     }
 
@@ -521,7 +644,7 @@ impl Fleet {
         objects: &[&str],
         value: &[u8],
         retention: Duration,
-    ) -> bool {
+    ) -> Put {
         let mut keys = Vec::with_capacity(objects.len() + 2);
         keys.push(self.entry_key("e", key));
         keys.push(self.all_key());
@@ -536,10 +659,13 @@ impl Fleet {
                 &[stamp.as_bytes(), ttl.as_bytes(), value],
             )
             .await;
-        let stored = stored.is_ok_and(|n| n == 1);
-        let result = if stored { "stored" } else { "refused" };
-        self.metrics.l2_stores.with_label_values(&[result]).inc();
-        stored
+        let (put, label) = match stored {
+            Ok(1) => (Put::Stored, "stored"),
+            Ok(_) => (Put::Refused, "refused"),
+            Err(_) => (Put::Failed, "error"),
+        };
+        self.metrics.l2_stores.with_label_values(&[label]).inc();
+        put
     }
 
     /// Drops the entry under a cache key.
@@ -549,43 +675,46 @@ impl Fleet {
         let _: Result<i64, _> = self.query("remove", del).await;
     }
 
-    /// Takes the fill lock of a cache key, or waits (bounded) for the
-    /// replica that holds it to store its answer.
-    pub async fn claim(&self, key: &[u8; 32]) -> Claim {
-        let lock = self.entry_key("l", key);
+    /// Takes the fill lock of a cache key for reads that started at fleet
+    /// sequence `seq`, or waits (at most `redis_lock_wait_ms`) for the
+    /// replica that holds it to store its answer. A read that starts after
+    /// a write gets a lock of its own: it never waits on a fetch from
+    /// before the write. The lock lives longer than any upstream exchange.
+    pub async fn claim(&self, key: &[u8; 32], seq: u64) -> Claim {
+        let lock = format!("{}:{seq}", self.entry_key("l", key));
         let token: String = format!("{:032x}", rand::random::<u128>());
-        let wait = self.settings.lock_wait;
         let mut set = redis::cmd("SET");
         set.arg(&lock)
             .arg(&token)
             .arg("NX")
             .arg("PX")
-            .arg(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
+            .arg(u64::try_from(self.lock_ttl.as_millis()).unwrap_or(u64::MAX));
         match self.query::<Option<String>>("lock", set).await {
             Ok(Some(_)) => return Claim::Held(LockToken { key: lock, token }),
             Ok(None) => {}
             Err(_) => return Claim::Proceed,
         }
         let entry = self.entry_key("e", key);
-        let deadline = Instant::now() + wait;
+        let deadline = Instant::now() + self.settings.lock_wait;
         let mut pause = Duration::from_millis(2);
+        let waits = &self.metrics.lock_waits;
         loop {
-            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                waits.with_label_values(&["timeout"]).inc();
+                return Claim::Proceed;
+            }
+            tokio::time::sleep(pause.min(left)).await;
             pause = (pause * 2).min(Duration::from_millis(25));
             let polled: Result<(i64, Option<Vec<u8>>), _> = self
                 .script("lock", POLL, &[entry.clone(), lock.clone()], &[])
                 .await;
-            let waits = &self.metrics.lock_waits;
             match polled {
                 Ok((1, Some(bytes))) => {
                     waits.with_label_values(&["filled"]).inc();
                     return Claim::Filled(bytes);
                 }
-                Ok((0, _)) if Instant::now() < deadline => continue,
-                Ok((0, _)) => {
-                    waits.with_label_values(&["timeout"]).inc();
-                    return Claim::Proceed;
-                }
+                Ok((0, _)) => continue,
                 Ok(_) => {
                     waits.with_label_values(&["released"]).inc();
                     return Claim::Proceed;
@@ -602,62 +731,72 @@ impl Fleet {
             .await;
     }
 
-    /// Shares throttle or pressure scopes: `(scope, expiry as Unix ms,
-    /// payload)`; they stay visible to every replica until their expiry.
-    pub async fn share_throttles(&self, scopes: &[(String, u64)]) {
-        if scopes.is_empty() {
-            return;
+    /// Sends this replica's throttle and pressure reports (`(field, expiry
+    /// as Unix ms, value)`, the value starting with the expiry) and returns
+    /// every unexpired report of the fleet. One report per field is kept,
+    /// the one that expires last. None when Redis does not answer.
+    pub async fn exchange_throttles(
+        &self,
+        reports: &[(String, u64, String)],
+    ) -> Option<Vec<String>> {
+        let now = unix_ms().to_string();
+        let mut args: Vec<Vec<u8>> = vec![now.into_bytes()];
+        for (field, until, value) in reports {
+            args.push(field.clone().into_bytes());
+            args.push(until.to_string().into_bytes());
+            args.push(value.clone().into_bytes());
         }
-        let mut zadd = redis::cmd("ZADD");
-        zadd.arg(self.key("meta", "throttles"));
-        for (member, until) in scopes {
-            zadd.arg(*until).arg(member);
-        }
-        if self.query::<i64>("throttle", zadd).await.is_ok() {
-            self.metrics
-                .throttles
-                .with_label_values(&["sent"])
-                .inc_by(scopes.len() as u64);
-        }
-    }
-
-    /// The fleet's throttle and pressure scopes that have not expired, with
-    /// their expiry (Unix ms); expired ones are pruned.
-    pub async fn throttles(&self) -> Option<Vec<(String, u64)>> {
-        let key = self.key("meta", "throttles");
-        let now = unix_ms();
-        let mut prune = redis::cmd("ZREMRANGEBYSCORE");
-        prune.arg(&key).arg("-inf").arg(now);
-        let _: Result<i64, _> = self.query("throttle", prune).await;
-        let mut range = redis::cmd("ZRANGEBYSCORE");
-        range.arg(&key).arg(now).arg("+inf").arg("WITHSCORES");
-        let scopes: Vec<(String, f64)> = self.query("throttle", range).await.ok()?;
-        Some(scopes.into_iter().map(|(m, s)| (m, s as u64)).collect())
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        let values: Vec<String> = self
+            .script("throttle", SHARE, &[self.key("meta", "throttles")], &args)
+            .await
+            .ok()?;
+        self.metrics
+            .throttles
+            .with_label_values(&["sent"])
+            .inc_by(reports.len() as u64);
+        Some(values)
     }
 
     /// One health round: a `PING` while degraded (so recovery is noticed
-    /// without traffic), then any marks that could not be sent.
+    /// without traffic), then any marks that could not be sent. Pending
+    /// marks are forgotten only once Redis has them.
     pub async fn tend(&self) {
         if !self.is_healthy() {
             let _: Result<String, _> = self.query("ping", redis::cmd("PING")).await;
         }
-        if !self.is_healthy() {
+        if !self.is_healthy() || !self.has_pending.load(Ordering::Acquire) {
             return;
         }
         let (objects, everything) = {
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            (
-                std::mem::take(&mut pending.objects),
-                std::mem::take(&mut pending.everything),
-            )
+            let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            (pending.objects.clone(), pending.everything)
         };
-        if everything {
-            self.mark_everything().await;
-        } else if !objects.is_empty() {
-            let objects: Vec<&str> = objects.iter().map(String::as_str).collect();
-            for chunk in objects.chunks(500) {
-                self.mark_written(chunk).await;
+        let sent = if everything {
+            self.mark(&[self.all_key()]).await.is_ok()
+        } else {
+            let marks: Vec<String> = objects.iter().map(|o| self.mark_key(o)).collect();
+            let mut ok = true;
+            for chunk in marks.chunks(500) {
+                ok &= self.mark(chunk).await.is_ok();
             }
+            ok
+        };
+        if !sent {
+            return;
+        }
+        self.metrics
+            .marks_sent
+            .inc_by(if everything { 1 } else { objects.len() as u64 });
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if everything {
+            pending.everything = false;
+            pending.objects.clear();
+        } else {
+            pending.objects.retain(|o| !objects.contains(o));
+        }
+        if !pending.everything && pending.objects.is_empty() {
+            self.has_pending.store(false, Ordering::Release);
         }
     }
 
@@ -697,7 +836,7 @@ mod tests {
             required: false,
             secret: Some("0123456789abcdef".to_owned()),
         };
-        Fleet::new(settings, &Registry::new()).unwrap()
+        Fleet::new(settings, Duration::from_secs(1), &Registry::new()).unwrap()
     }
 
     #[tokio::test]
@@ -718,20 +857,46 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_redis_degrades_and_keeps_marks_for_later() {
         let f = fleet();
+        // One failure is not an outage; three in a row are.
         assert_eq!(f.ticket().await, None);
-        assert!(!f.is_healthy());
+        assert!(f.is_healthy());
         assert_eq!(f.check(Some(1), &["1"]).await, Check::Unknown);
+        assert_eq!(f.check(Some(1), &["1"]).await, Check::Unknown);
+        assert!(!f.is_healthy());
+        // While degraded nothing waits on Redis (only the ping goes out).
+        let started = Instant::now();
+        assert_eq!(f.check(Some(1), &["2"]).await, Check::Unknown);
+        assert!(started.elapsed() < Duration::from_millis(5));
         f.mark_written(&["1", "2"]).await;
         assert_eq!(f.pending_marks(), 2);
+        // This replica treats what it could not mark as written.
+        assert_eq!(f.check(Some(1), &["2", "9"]).await, Check::Written);
+        assert_eq!(f.check(Some(1), &["9"]).await, Check::Unknown);
         f.tend().await;
         assert_eq!(f.pending_marks(), 2, "kept while Redis is down");
-        assert!(matches!(f.claim(&[0; 32]).await, Claim::Proceed));
+        assert!(matches!(f.claim(&[0; 32], 1).await, Claim::Proceed));
     }
 
     #[tokio::test]
     async fn a_configured_secret_keys_identities_without_redis() {
         let a = fleet().identity_secret().await.unwrap();
-        let b = fleet().identity_secret().await.unwrap();
-        assert_eq!(a, b);
+        assert_eq!(
+            a,
+            fleet().identity_secret().await.unwrap(),
+            "alike fleet-wide"
+        );
+        let mut other = fleet().settings.clone();
+        other.secret = Some("another-secret-0123".to_owned());
+        let b = Fleet::new(other, Duration::from_secs(1), &Registry::new())
+            .unwrap()
+            .identity_secret()
+            .await
+            .unwrap();
+        assert_ne!(a, b);
+        assert_ne!(
+            &a[..16],
+            b"0123456789abcdef",
+            "derived, not the secret itself"
+        );
     }
 }

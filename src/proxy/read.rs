@@ -29,9 +29,10 @@ use crate::upstream::request::{forward_headers, Exchange};
 use crate::upstream::{Answer, UpstreamTimer};
 
 /// What identical reads must share to share an upstream call: the cache key
-/// and the write sequence when they started (a read that starts after a
-/// write never joins a call that started before it).
-pub(crate) type FlightKey = (CacheKey, u64);
+/// and the write sequences (this replica's and, in a fleet, the fleet's)
+/// when they started: a read that starts after a write, through any
+/// replica, never joins a call that started before it.
+pub(crate) type FlightKey = (CacheKey, u64, Option<u64>);
 
 /// What one upstream fetch came to; shared by every waiter of a flight.
 #[derive(Debug)]
@@ -145,8 +146,10 @@ impl Proxy {
         let get = self.upstream_get(request, identity, validator);
         let (outcome, joined) = self.fetch(cacheable, fwd, get).await?;
         timer.add(Duration::from_micros(outcome.upstream_us()));
-        if joined && !outcome.admits(&parts.headers) {
-            // The shared answer varies on a header this request differs in.
+        let filled = matches!(*outcome, FetchOutcome::Filled { .. });
+        if (joined || filled) && !outcome.admits(&parts.headers) {
+            // The shared answer (or a sibling replica's) varies on a header
+            // this request differs in.
             return self.bypass(parts, None, Some(identity), timer).await;
         }
         self.respond(parts, &outcome)
@@ -200,7 +203,11 @@ impl Proxy {
         if !settings.enabled {
             return Ok((Arc::new(self.run_fetch(cacheable, fwd, get).await), false));
         }
-        let flight_key = (cacheable.key, cacheable.ticket.sequence());
+        let flight_key = (
+            cacheable.key,
+            cacheable.ticket.sequence(),
+            cacheable.ticket.fleet_sequence(),
+        );
         let fallback = cacheable.usable_stale();
         let proxy = self.clone();
         let ticket = self.flights.join_or_start(flight_key, move || async move {
@@ -240,7 +247,7 @@ impl Proxy {
         let lock = if cacheable.entry.is_none() {
             match self
                 .store
-                .claim(&cacheable.key, cacheable.secrets.borrow())
+                .claim(&cacheable.key, cacheable.ticket, cacheable.secrets.borrow())
                 .await
             {
                 FillClaim::Filled(entry) => return FetchOutcome::Filled { entry },
@@ -250,7 +257,9 @@ impl Proxy {
             None
         };
         let outcome = self.fetch_upstream(cacheable, fwd, get).await;
-        self.store.release(lock).await;
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
         outcome
     }
 

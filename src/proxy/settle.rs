@@ -143,7 +143,12 @@ impl Proxy {
                 }
                 let shared = Arc::new(refreshed.clone());
                 self.store
-                    .put(cacheable.key, refreshed, cacheable.ticket)
+                    .put_for(
+                        cacheable.key,
+                        refreshed,
+                        cacheable.ticket,
+                        cacheable.secrets.borrow(),
+                    )
                     .await;
                 return Settled::Revalidated(shared);
             }
@@ -161,7 +166,15 @@ impl Proxy {
         let vary = VaryCheck::of(&answer.headers, &cacheable.vary_basis);
         match self.storable_entry(answer, cacheable, policy, &vary) {
             Ok(entry) => Settled::Relay {
-                stored: self.store.put(cacheable.key, entry, cacheable.ticket).await,
+                stored: self
+                    .store
+                    .put_for(
+                        cacheable.key,
+                        entry,
+                        cacheable.ticket,
+                        cacheable.secrets.borrow(),
+                    )
+                    .await,
                 detail: None,
                 vary,
             },

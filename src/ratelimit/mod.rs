@@ -118,7 +118,7 @@ pub struct RateLimits {
     labels: Mutex<HashSet<String>>,
     last_warning: AtomicU64,
     /// In a fleet: what this replica saw, for [`share`] to send.
-    outbox: Option<Mutex<Vec<share::Shared>>>,
+    outbox: Option<Mutex<HashMap<String, share::Shared>>>,
 }
 
 impl RateLimits {
@@ -141,12 +141,17 @@ impl RateLimits {
         }
     }
 
-    /// Queues a scope for the fleet, when there is one.
-    fn share(&self, scope: &Scope, wait: Duration, code: i64, ratio: f64) {
+    /// Queues a report for the fleet, when there is one: one per kind and
+    /// scope, the one that expires last.
+    fn share(&self, report: share::Shared) {
         if let Some(outbox) = &self.outbox {
             let mut outbox = outbox.lock().unwrap_or_else(|e| e.into_inner());
-            if outbox.len() < share::MAX_QUEUED {
-                outbox.push(share::Shared::new(scope, wait, code, ratio));
+            match outbox.get(&report.field) {
+                Some(queued) if queued.until_ms >= report.until_ms => {}
+                _ if outbox.len() >= share::MAX_QUEUED && !outbox.contains_key(&report.field) => {}
+                _ => {
+                    outbox.insert(report.field.clone(), report);
+                }
             }
         }
     }
@@ -154,21 +159,32 @@ impl RateLimits {
     /// What was queued for the fleet since the last call.
     pub(crate) fn take_shared(&self) -> Vec<share::Shared> {
         self.outbox.as_ref().map_or_else(Vec::new, |outbox| {
-            std::mem::take(&mut *outbox.lock().unwrap_or_else(|e| e.into_inner()))
+            let mut outbox = outbox.lock().unwrap_or_else(|e| e.into_inner());
+            outbox.drain().map(|(_, report)| report).collect()
         })
     }
 
-    /// Applies a scope another replica saw: throttled for `wait` with
-    /// `code`, or under pressure `ratio`, whichever is larger than what this
-    /// replica knows. Returns whether it changed anything.
-    pub(crate) fn import(
-        &self,
-        scope: Scope,
-        wait: Option<Duration>,
-        code: i64,
-        ratio: f64,
-    ) -> bool {
+    /// Puts back reports that could not be sent (Redis did not answer).
+    pub(crate) fn requeue(&self, reports: Vec<(String, u64, String)>) {
+        if let Some(outbox) = &self.outbox {
+            let mut outbox = outbox.lock().unwrap_or_else(|e| e.into_inner());
+            for (field, until_ms, value) in reports {
+                if outbox.len() < share::MAX_QUEUED && until_ms > crate::fleet::unix_ms() {
+                    outbox
+                        .entry(field.clone())
+                        .or_insert(share::Shared::from_parts(field, until_ms, value));
+                }
+            }
+        }
+    }
+
+    /// Applies a throttle another replica saw, when it lasts longer than
+    /// what this replica knows. Returns whether it changed anything.
+    pub(crate) fn import_throttle(&self, scope: Scope, wait: Duration, code: i64) -> bool {
         let now = Instant::now();
+        let Some(until) = now.checked_add(wait) else {
+            return false;
+        };
         self.active.store(true, Ordering::Release);
         let mut scopes = self.lock();
         prune(&mut scopes, now);
@@ -177,26 +193,41 @@ impl RateLimits {
             code,
             usage: None,
         });
-        let mut changed = false;
-        if let Some(until) = wait.and_then(|w| now.checked_add(w)) {
-            if state
-                .throttled_until
-                .is_none_or(|u| u + Duration::from_millis(500) < until)
-            {
-                state.throttled_until = Some(until);
-                state.code = code;
-                changed = true;
-            }
-        }
-        if ratio > 0.0
-            && state
-                .usage
-                .is_none_or(|(r, at)| r < ratio || now.duration_since(at) >= USAGE_MEMORY)
+        // Its own report coming back differs by rounding only.
+        if state
+            .throttled_until
+            .is_some_and(|u| u + Duration::from_millis(500) >= until)
         {
-            state.usage = Some((ratio, now));
-            changed = true;
+            return false;
         }
-        changed
+        state.throttled_until = Some(until);
+        state.code = code;
+        true
+    }
+
+    /// Applies a usage reading another replica took `at`, when it is newer
+    /// than this replica's own. Returns whether it changed anything.
+    pub(crate) fn import_pressure(&self, scope: Scope, ratio: f64, at: Instant) -> bool {
+        let now = Instant::now();
+        if now.saturating_duration_since(at) >= USAGE_MEMORY {
+            return false;
+        }
+        self.active.store(true, Ordering::Release);
+        let mut scopes = self.lock();
+        prune(&mut scopes, now);
+        let state = scopes.entry(scope).or_insert(ScopeState {
+            throttled_until: None,
+            code: 0,
+            usage: None,
+        });
+        if state
+            .usage
+            .is_some_and(|(_, seen)| seen + Duration::from_millis(10) >= at)
+        {
+            return false;
+        }
+        state.usage = Some((ratio, at));
+        true
     }
 
     /// Reads the usage headers of one upstream answer (a response, a 304,
@@ -228,10 +259,11 @@ impl RateLimits {
                     state.code = 80_000;
                 }
             }
-            let pressure = update.ratio >= self.settings().pressure_threshold;
-            if update.blocked.is_some() || pressure {
-                let wait = update.blocked.unwrap_or(Duration::ZERO);
-                self.share(&update.scope, wait, state.code, update.ratio);
+            if let Some(wait) = update.blocked {
+                self.share(share::Shared::throttle(&update.scope, wait, state.code));
+            }
+            if update.ratio >= self.settings().pressure_threshold {
+                self.share(share::Shared::pressure(&update.scope, update.ratio));
             }
         }
     }
@@ -272,7 +304,7 @@ impl RateLimits {
             });
             state.throttled_until = now.checked_add(wait);
             state.code = code;
-            self.share(&scope_key, wait, code, 0.0);
+            self.share(share::Shared::throttle(&scope_key, wait, code));
         }
     }
 

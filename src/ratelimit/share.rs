@@ -1,13 +1,16 @@
 //! Throttle state shared by a fleet: a throttle (or quota pressure) one
-//! replica sees protects every replica. Each replica queues what it sees;
-//! [`sync`] sends the queue to the fleet's Redis and applies what the others
-//! sent, every [`SYNC_INTERVAL`]. Usage gauges stay per replica.
+//! replica sees protects every replica. Each replica queues what it sees,
+//! one report per scope; [`sync`] sends the queue to the fleet's Redis and
+//! applies what the others sent, every [`SYNC_INTERVAL`]. Usage gauges stay
+//! per replica.
 //!
-//! On the wire a scope is `app`, `o:<object id>` or `c:<caller identity in
-//! hex>` (a keyed hash, never a token), in a sorted set scored by expiry.
+//! In Redis the reports are one hash, a field per kind and scope (`t|…` a
+//! throttle, `p|…` pressure), each keeping the report that expires last.
+//! A scope is `app`, `o:<object id>` or `c:<caller identity in hex>` (a
+//! keyed hash, never a token).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cache::TokenIdentity;
 use crate::fleet::{unix_ms, Fleet};
@@ -22,44 +25,31 @@ pub const SYNC_INTERVAL: Duration = Duration::from_millis(250);
 /// cut, never unbounded).
 pub(super) const MAX_QUEUED: usize = 1024;
 
-/// One scope as it goes to the fleet.
+/// One report as it goes to the fleet.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shared {
-    member: String,
-    until_ms: u64,
+    /// `t|<scope>` or `p|<scope>`.
+    pub(super) field: String,
+    /// When the report stops mattering, Unix ms.
+    pub(super) until_ms: u64,
+    /// `until|observed|code|ratio`, the expiry first (the script keeps the
+    /// report per field that expires last).
+    value: String,
 }
 
-impl Shared {
-    /// `scope` throttled for `wait` (zero: not throttled) with `code`, at
-    /// usage `ratio`.
-    pub(super) fn new(scope: &Scope, wait: Duration, code: i64, ratio: f64) -> Self {
-        let scope = match scope {
-            Scope::App => "app".to_owned(),
-            Scope::Object(id) => format!("o:{}", id.as_str()),
-            Scope::Caller(identity) => {
-                let hex: String = identity.0.iter().map(|b| format!("{b:02x}")).collect();
-                format!("c:{hex}")
-            }
-        };
-        let lasts = if wait.is_zero() { USAGE_MEMORY } else { wait };
-        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        Self {
-            // The expiry is in the member, so two reports of one scope
-            // with different waits are both kept until their own end.
-            member: format!("{code}|{ratio:.3}|{wait_ms}|{scope}"),
-            until_ms: unix_ms()
-                .saturating_add(u64::try_from(lasts.as_millis()).unwrap_or(u64::MAX)),
+fn scope_text(scope: &Scope) -> String {
+    match scope {
+        Scope::App => "app".to_owned(),
+        Scope::Object(id) => format!("o:{}", id.as_str()),
+        Scope::Caller(identity) => {
+            let hex: String = identity.0.iter().map(|b| format!("{b:02x}")).collect();
+            format!("c:{hex}")
         }
     }
 }
 
-/// A member read back: scope, remaining throttle, code, ratio.
-fn parse(member: &str, until_ms: u64, now_ms: u64) -> Option<(Scope, Option<Duration>, i64, f64)> {
-    let mut parts = member.splitn(4, '|');
-    let code: i64 = parts.next()?.parse().ok()?;
-    let ratio: f64 = parts.next()?.parse().ok()?;
-    let wait_ms: u64 = parts.next()?.parse().ok()?;
-    let scope = match parts.next()? {
+fn parse_scope(text: &str) -> Option<Scope> {
+    Some(match text {
         "app" => Scope::App,
         s if s.starts_with("o:") => Scope::Object(ObjectId::parse(&s[2..])?),
         s if s.starts_with("c:") && s.len() == 66 => {
@@ -70,10 +60,70 @@ fn parse(member: &str, until_ms: u64, now_ms: u64) -> Option<(Scope, Option<Dura
             Scope::Caller(TokenIdentity(bytes))
         }
         _ => return None,
-    };
-    let remaining = Duration::from_millis(until_ms.saturating_sub(now_ms));
-    let throttled = (wait_ms > 0 && !remaining.is_zero()).then_some(remaining);
-    Some((scope, throttled, code, ratio.clamp(0.0, 1.0)))
+    })
+}
+
+impl Shared {
+    pub(super) fn from_parts(field: String, until_ms: u64, value: String) -> Self {
+        Self {
+            field,
+            until_ms,
+            value,
+        }
+    }
+
+    /// `scope` throttled for `wait` with `code`.
+    pub(super) fn throttle(scope: &Scope, wait: Duration, code: i64) -> Self {
+        let now = unix_ms();
+        let until = now.saturating_add(millis(wait));
+        Self {
+            field: format!("t|{}", scope_text(scope)),
+            until_ms: until,
+            value: format!("{until}|{now}|{code}|0|{}", scope_text(scope)),
+        }
+    }
+
+    /// `scope` at usage `ratio`, observed now.
+    pub(super) fn pressure(scope: &Scope, ratio: f64) -> Self {
+        let now = unix_ms();
+        let until = now.saturating_add(millis(USAGE_MEMORY));
+        Self {
+            field: format!("p|{}", scope_text(scope)),
+            until_ms: until,
+            value: format!("{until}|{now}|0|{ratio:.3}|{}", scope_text(scope)),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A report read back, as of `now_ms`.
+#[derive(Debug, PartialEq)]
+pub(super) enum Report {
+    /// Throttled for this much longer, with this code.
+    Throttle(Scope, Duration, i64),
+    /// At this usage, observed this long ago.
+    Pressure(Scope, f64, Duration),
+}
+
+pub(super) fn parse(value: &str, now_ms: u64) -> Option<Report> {
+    let mut parts = value.splitn(5, '|');
+    let until: u64 = parts.next()?.parse().ok()?;
+    let observed: u64 = parts.next()?.parse().ok()?;
+    let code: i64 = parts.next()?.parse().ok()?;
+    let ratio: f64 = parts.next()?.parse().ok()?;
+    let scope = parse_scope(parts.next()?)?;
+    if until <= now_ms {
+        return None;
+    }
+    Some(if code != 0 {
+        Report::Throttle(scope, Duration::from_millis(until - now_ms), code)
+    } else {
+        let age = Duration::from_millis(now_ms.saturating_sub(observed));
+        Report::Pressure(scope, ratio.clamp(0.0, 1.0), age)
+    })
 }
 
 /// Sends and applies throttle state until the task is dropped; also tends
@@ -84,23 +134,30 @@ pub async fn sync(limits: Arc<RateLimits>, fleet: Arc<Fleet>) {
     loop {
         tick.tick().await;
         fleet.tend().await;
-        let outgoing: Vec<(String, u64)> = limits
+        let outgoing: Vec<(String, u64, String)> = limits
             .take_shared()
             .into_iter()
-            .map(|s| (s.member, s.until_ms))
+            .map(|s| (s.field, s.until_ms, s.value))
             .collect();
-        fleet.share_throttles(&outgoing).await;
-        let Some(scopes) = fleet.throttles().await else {
+        let Some(reports) = fleet.exchange_throttles(&outgoing).await else {
+            // Not sent: queue them again for the next round.
+            limits.requeue(outgoing);
             continue;
         };
         let now_ms = unix_ms();
+        let now = Instant::now();
         let mut received = 0;
-        for (member, until) in scopes {
-            if let Some((scope, wait, code, ratio)) = parse(&member, until, now_ms) {
-                if limits.import(scope, wait, code, ratio) {
-                    received += 1;
+        for value in reports {
+            let changed = match parse(&value, now_ms) {
+                Some(Report::Throttle(scope, wait, code)) => {
+                    limits.import_throttle(scope, wait, code)
                 }
-            }
+                Some(Report::Pressure(scope, ratio, age)) => {
+                    limits.import_pressure(scope, ratio, now.checked_sub(age).unwrap_or(now))
+                }
+                None => false,
+            };
+            received += u64::from(changed);
         }
         fleet
             .metrics
@@ -115,47 +172,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scopes_round_trip_and_never_carry_more_than_a_hash() {
+    fn reports_round_trip_and_never_carry_more_than_a_hash() {
         let caller = Scope::Caller(TokenIdentity([0xab; 32]));
-        for (scope, wait, ratio) in [
-            (Scope::App, Duration::from_secs(60), 0.0),
-            (
-                Scope::Object(ObjectId::parse("act_1").unwrap()),
-                Duration::ZERO,
-                0.97,
-            ),
-            (caller, Duration::from_secs(5), 0.0),
-        ] {
-            let shared = Shared::new(&scope, wait, 17, ratio);
-            let now = unix_ms();
-            let (back, throttled, code, r) = parse(&shared.member, shared.until_ms, now).unwrap();
-            assert_eq!(back, scope);
-            assert_eq!(code, 17);
-            assert_eq!(r, ratio);
-            assert_eq!(throttled.is_some(), !wait.is_zero());
+        let act = Scope::Object(ObjectId::parse("act_1").unwrap());
+        for scope in [Scope::App, act.clone(), caller] {
+            let throttle = Shared::throttle(&scope, Duration::from_secs(60), 17);
+            match parse(&throttle.value, unix_ms()).unwrap() {
+                Report::Throttle(back, wait, code) => {
+                    assert_eq!(back, scope);
+                    assert_eq!(code, 17);
+                    assert!(wait > Duration::from_secs(59));
+                }
+                other => panic!("{other:?}"),
+            }
+            let pressure = Shared::pressure(&scope, 0.97);
+            match parse(&pressure.value, unix_ms()).unwrap() {
+                Report::Pressure(back, ratio, age) => {
+                    assert_eq!(back, scope);
+                    assert_eq!(ratio, 0.97);
+                    assert!(age < Duration::from_secs(1));
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_ne!(throttle.field, pressure.field);
         }
-        assert!(parse("17|0.5|0|x:1", unix_ms() + 1000, unix_ms()).is_none());
-        assert!(parse("junk", 0, 0).is_none());
+        // Expired reports and junk teach nothing.
+        let old = Shared::throttle(&act, Duration::from_secs(1), 4);
+        assert!(parse(&old.value, unix_ms() + 2000).is_none());
+        assert!(parse("9999999999999|0|0|0.5|x:1", 0).is_none());
+        assert!(parse("junk", 0).is_none());
     }
 
     #[test]
-    fn an_imported_throttle_protects_this_replica() {
+    fn an_imported_throttle_protects_this_replica_once() {
         let limits = RateLimits::new(Default::default());
         let act = ObjectId::parse("act_9").unwrap();
-        assert!(limits.import(
-            Scope::Object(act.clone()),
-            Some(Duration::from_secs(30)),
-            80004,
-            0.0
-        ));
+        let scope = Scope::Object(act.clone());
+        assert!(limits.import_throttle(scope.clone(), Duration::from_secs(30), 80004));
         let verdict = limits.verdict(std::slice::from_ref(&act), None);
         assert_eq!(verdict.throttled.map(|(_, code)| code), Some(80004));
         // The same report again changes nothing (not counted twice).
-        assert!(!limits.import(
-            Scope::Object(act),
-            Some(Duration::from_secs(30)),
-            80004,
-            0.0
-        ));
+        assert!(!limits.import_throttle(scope, Duration::from_secs(30), 80004));
+    }
+
+    #[test]
+    fn only_newer_pressure_replaces_what_this_replica_saw() {
+        let limits = RateLimits::new(Default::default());
+        let now = Instant::now();
+        let earlier = now - Duration::from_secs(10);
+        assert!(limits.import_pressure(Scope::App, 0.97, earlier));
+        assert_eq!(limits.verdict(&[], None).usage, 0.97);
+        // A newer, lower reading wins; an older one (a replica's own old
+        // report coming back) does not.
+        assert!(limits.import_pressure(Scope::App, 0.40, now));
+        assert!(!limits.import_pressure(Scope::App, 0.97, earlier));
+        assert_eq!(limits.verdict(&[], None).usage, 0.40);
     }
 }

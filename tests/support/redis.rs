@@ -123,6 +123,14 @@ impl RedisServer {
                         .unwrap();
                     members.concat()
                 }
+                "hash" => {
+                    let fields: Vec<Vec<u8>> = redis::cmd("HGETALL")
+                        .arg(&key)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    fields.concat()
+                }
                 other => panic!("unexpected key type {other}"),
             };
             out.push((key, value));
