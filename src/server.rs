@@ -33,7 +33,11 @@ async fn fleet_identity(fleet: &Fleet) -> Option<[u8; 32]> {
                 tracing::error!(%error, "cannot get the fleet's identity key from Redis: entries stay in this replica (set fleet_secret to start without Redis)");
                 return None;
             }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            Err(_) => {
+                // Degraded after a few failures: a ping notices Redis back.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                fleet.tend().await;
+            }
         }
     }
 }

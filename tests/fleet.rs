@@ -272,8 +272,11 @@ async fn redis_restarted_empty_drops_what_memory_holds() {
     r[0].post_form(&format!("/v26.0/act_6?access_token={TOKEN}"), "b=1")
         .await;
     redis.restart().await;
-    // The mark is gone, but the sequence went backwards: replica 3 notices
-    // on its hit and does not serve what memory holds.
+    // A write to another object first: it must not hide the loss.
+    r[0].post_form(&format!("/v26.0/act_61?access_token={TOKEN}"), "d=1")
+        .await;
+    // The mark is gone, but so is the epoch: replica 3 notices on its hit
+    // and does not serve what memory holds.
     let reply = r[2].get(&target).await;
     assert_eq!(version(&reply), 1, "{}", reply.cache_status());
     // A write through replica 2, which never wrote before (its entry came
@@ -285,7 +288,7 @@ async fn redis_restarted_empty_drops_what_memory_holds() {
         let reply = h.get(&target).await;
         assert_eq!(version(&reply), 2, "{}", reply.cache_status());
     }
-    assert_eq!(mock.writes(), 3);
+    assert_eq!(mock.writes(), 4);
 }
 
 #[tokio::test]
@@ -342,7 +345,12 @@ async fn no_token_reaches_redis_in_any_key_or_value() {
 #[tokio::test]
 async fn a_read_after_a_sibling_s_write_never_joins_a_fetch_from_before_it() {
     let redis = RedisServer::start().await;
-    let (mock, r) = fleet(&redis, |_, _| {}).await;
+    // A lock wait longer than the test's own bound: a read waiting on the
+    // older fetch's lock would hold the test up until it fails.
+    let (mock, r) = fleet(&redis, |c, _| {
+        c.fleet.as_mut().unwrap().lock_wait = Duration::from_secs(30);
+    })
+    .await;
     let listing = format!("/v26.0/act_11/campaigns?access_token={TOKEN}");
     // Replica 2 starts a fetch that Graph holds.
     mock.hold("campaigns");

@@ -56,7 +56,7 @@ pub struct CachedResponse {
     /// In a fleet: the fleet's write sequence when the read that filled it
     /// started (None: Redis did not answer then, or no fleet). A write mark
     /// above it on one of `objects` means the entry is pre-write data.
-    pub fleet_stamp: Option<u64>,
+    pub fleet_stamp: Option<crate::fleet::Stamp>,
     /// Distinguishes successive entries under one key in the index.
     pub(super) entry_id: u64,
 }

@@ -28,7 +28,7 @@ pub struct ReadTicket {
     sequence: u64,
     taken: Instant,
     /// The fleet's write sequence, in a fleet whose Redis answered.
-    pub(super) fleet: Option<u64>,
+    pub(super) fleet: Option<crate::fleet::Stamp>,
 }
 
 impl ReadTicket {
@@ -37,8 +37,8 @@ impl ReadTicket {
         self.sequence
     }
 
-    /// The fleet's write sequence when the read started, if known.
-    pub fn fleet_sequence(&self) -> Option<u64> {
+    /// Where the fleet's writes stood when the read started, if known.
+    pub fn fleet_stamp(&self) -> Option<crate::fleet::Stamp> {
         self.fleet
     }
 }

@@ -110,11 +110,11 @@ impl TieredStore {
         };
         // Without the fleet's sequence (Redis did not answer) there is no
         // lock to share.
-        let Some(seq) = ticket.fleet_sequence() else {
+        let Some(stamp) = ticket.fleet_stamp() else {
             return FillClaim::Fetch(None);
         };
         let local = self.memory.read_ticket().await;
-        match fleet.claim(key.as_bytes(), seq).await {
+        match fleet.claim(key.as_bytes(), stamp).await {
             Claim::Held(token) => FillClaim::Fetch(Some(FillLock {
                 fleet: fleet.clone(),
                 token: Some(token),
@@ -149,7 +149,7 @@ impl TieredStore {
             Check::Valid => {}
             Check::Written | Check::Unstamped => {
                 lookups.with_label_values(&["invalid"]).inc();
-                fleet.remove(key.as_bytes()).await;
+                fleet.remove_if(key.as_bytes(), bytes).await;
                 return None;
             }
             Check::Unknown => return None,
@@ -200,6 +200,15 @@ impl TieredStore {
                 return self.shared_get(fleet, key, secrets).await;
             }
             match check {
+                // Just back from an outage, siblings may still be sending
+                // the marks they kept: the degraded rule holds a moment more.
+                Check::Valid if !fleet.marks_settled() => {
+                    return Some(degraded(
+                        entry,
+                        fleet.settings().degraded_max_age,
+                        Instant::now(),
+                    ))
+                }
                 Check::Valid => return Some(entry),
                 Check::Unknown => {
                     return Some(degraded(

@@ -19,6 +19,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::entry::CachedResponse;
+use crate::fleet::Stamp;
 use crate::graph::routes::{CachePolicy, ObjectId};
 
 /// Bumped with any change below; entries of another version are misses.
@@ -27,6 +28,7 @@ const VERSION: u32 = 1;
 #[derive(Serialize, Deserialize)]
 struct Wire<'a> {
     version: u32,
+    epoch: u64,
     stamp: u64,
     stored_unix_ms: u64,
     fresh_ms: u64,
@@ -179,13 +181,14 @@ fn millis(d: Duration) -> u64 {
 pub(super) fn encode(
     entry: &CachedResponse,
     body: &[u8],
-    stamp: u64,
+    stamp: Stamp,
     now: Instant,
     now_unix_ms: u64,
 ) -> Vec<u8> {
     let wire = Wire {
         version: VERSION,
-        stamp,
+        epoch: stamp.epoch,
+        stamp: stamp.seq,
         stored_unix_ms: now_unix_ms.saturating_sub(millis(entry.age(now))),
         fresh_ms: millis(entry.policy.fresh_ttl),
         stale_ms: millis(entry.policy.max_stale),
@@ -277,7 +280,10 @@ pub(super) fn decode(
     entry.stored_at = now.checked_sub(age).unwrap_or(now);
     entry.members_unindexed = wire.members_unindexed;
     entry.vary = vary;
-    entry.fleet_stamp = Some(wire.stamp);
+    entry.fleet_stamp = Some(Stamp {
+        epoch: wire.epoch,
+        seq: wire.stamp,
+    });
     Some(entry)
 }
 
@@ -304,7 +310,8 @@ mod tests {
             None,
         )]));
         let now = Instant::now();
-        let bytes = encode(&entry, &entry.body, 42, now, 1_000_000);
+        let stamp = Stamp { epoch: 7, seq: 42 };
+        let bytes = encode(&entry, &entry.body, stamp, now, 1_000_000);
         // Read back 1.5 s later on another replica's clocks.
         let later = now + Duration::from_secs(10);
         let back = decode(&bytes, later, 1_001_500, Secrets::default()).unwrap();
@@ -314,7 +321,7 @@ mod tests {
         assert_eq!(back.objects, entry.objects);
         assert_eq!(back.policy, entry.policy);
         assert_eq!(back.vary, entry.vary);
-        assert_eq!(back.fleet_stamp, Some(42));
+        assert_eq!(back.fleet_stamp, Some(stamp));
         assert_eq!(back.age(later).as_millis(), 1500);
     }
 
@@ -330,7 +337,8 @@ mod tests {
             CachePolicy::ttls(1, 1),
             objects_of("/v1/1", []).into(),
         );
-        let mut bytes = encode(&entry, &entry.body, 1, Instant::now(), 5);
+        let stamp = Stamp { epoch: 1, seq: 1 };
+        let mut bytes = encode(&entry, &entry.body, stamp, Instant::now(), 5);
         bytes[0] = 2; // version 2
         assert!(decode(&bytes, Instant::now(), 5, none).is_none());
     }

@@ -8,9 +8,13 @@
 //! - **Write marks.** A write bumps one fleet-wide sequence number and marks
 //!   each object it changed with the new value ([`Fleet::mark_written`]),
 //!   before its client is answered. A read takes the sequence before it goes
-//!   upstream ([`Fleet::ticket`]) and its entry carries that stamp; an entry
-//!   is served only while no object it depends on carries a later mark
-//!   ([`Fleet::check`]): one `MGET` per hit.
+//!   upstream ([`Fleet::ticket`]) and its entry carries that [`Stamp`]; an
+//!   entry is served only while no object it depends on carries a later
+//!   mark ([`Fleet::check`]): one `MGET` per hit.
+//! - **Epochs.** The sequence lives under a random epoch, kept in Redis
+//!   without a TTL. A Redis that lost its data has no epoch (or another
+//!   one): every stamp of the old epoch is then void, and each replica drops
+//!   its memory the first time it sees the change.
 //! - **Fills.** A miss takes a lock (`SET NX PX` with a random token,
 //!   released by compare-and-delete) so one replica fetches and the others
 //!   wait for its entry ([`Fleet::claim`]).
@@ -23,7 +27,7 @@
 //! keys and caller identities are keyed blake3 hashes, object ids are
 //! hashed too).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -129,8 +133,11 @@ impl FleetMetrics {
         }
         for (vec, labels) in [
             (&metrics.l2_lookups, &["hit", "miss", "invalid"][..]),
-            (&metrics.l2_stores, &["stored", "refused"][..]),
-            (&metrics.lock_waits, &["filled", "released", "timeout"][..]),
+            (&metrics.l2_stores, &["stored", "refused", "error"][..]),
+            (
+                &metrics.lock_waits,
+                &["filled", "released", "timeout", "error"][..],
+            ),
             (&metrics.throttles, &["sent", "received"][..]),
         ] {
             for label in labels {
@@ -142,9 +149,18 @@ impl FleetMetrics {
 }
 
 /// The `op` labels of Redis calls.
-const OPS: [&str; 10] = [
+const OPS: [&str; 11] = [
     "get", "put", "check", "mark", "lock", "ticket", "throttle", "ping", "remove", "secret",
+    "config",
 ];
+
+/// Where a read stood in the fleet's write history when it started: the
+/// epoch of Redis's data and the write sequence within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Stamp {
+    pub epoch: u64,
+    pub seq: u64,
+}
 
 /// Whether a stored entry may still be served, by the fleet's write marks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,12 +204,18 @@ pub enum Put {
     Failed,
 }
 
-/// Objects written while Redis could not be told.
+/// Objects written while Redis could not be told, each with the number of
+/// the attempt that last added it: a replay forgets only what it sent, not
+/// what a newer write added again meanwhile.
 #[derive(Default)]
 struct Pending {
-    objects: HashSet<String>,
-    everything: bool,
+    objects: HashMap<String, u64>,
+    everything: Option<u64>,
+    generation: u64,
 }
+
+/// The fleet's sync interval, in ms (throttles and mark replays).
+pub const SYNC_WINDOW_MS: u64 = 250;
 
 /// Consecutive failed calls before the fleet counts as degraded (one slow
 /// answer is not an outage).
@@ -207,8 +229,12 @@ pub struct Fleet {
     pub metrics: FleetMetrics,
     healthy: AtomicBool,
     failures: AtomicU32,
-    /// Highest sequence number seen: a lower one means Redis lost its data.
-    highest_seen: AtomicU64,
+    /// When Redis last started answering again (ms since `started`): marks
+    /// a sibling kept during the outage may still be on their way.
+    recovered_ms: AtomicU64,
+    started: Instant,
+    /// The epoch of Redis's data this replica knows (0: none yet).
+    epoch: AtomicU64,
     /// How long write marks live: longer than any entry may be kept.
     mark_ttl_ms: AtomicU64,
     /// How long a fill lock lives: longer than any upstream exchange.
@@ -222,11 +248,6 @@ pub struct Fleet {
 
 const MARK: &str = r"
 local s = redis.call('INCR', KEYS[1])
-local floor = tonumber(ARGV[2])
-if s <= floor then
-  s = floor + 1
-  redis.call('SET', KEYS[1], s)
-end
 for i = 2, #KEYS do
   redis.call('SET', KEYS[i], s, 'PX', ARGV[1])
 end
@@ -234,10 +255,11 @@ return s
 ";
 
 const PUT: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[4] then return 0 end
 local stamp = tonumber(ARGV[1])
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   local v = redis.call('GET', KEYS[i])
-  if v and tonumber(v) > stamp then return 0 end
+  if v and (tonumber(v) or math.huge) > stamp then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
 return 1
@@ -263,14 +285,14 @@ const SHARE: &str = r"
 local now = tonumber(ARGV[1])
 for i = 2, #ARGV, 3 do
   local old = redis.call('HGET', KEYS[1], ARGV[i])
-  local keep = old and tonumber(string.match(old, '^(%d+)')) or 0
+  local keep = old and tonumber(string.match(old, '^(%d+)') or '0') or 0
   if tonumber(ARGV[i + 1]) > keep then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
   end
 end
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
-  if tonumber(string.match(all[i + 1], '^(%d+)')) <= now then
+  if (tonumber(string.match(all[i + 1], '^(%d+)') or '0') or 0) <= now then
     redis.call('HDEL', KEYS[1], all[i])
   end
 end
@@ -313,7 +335,9 @@ impl Fleet {
             metrics,
             healthy: AtomicBool::new(true),
             failures: AtomicU32::new(0),
-            highest_seen: AtomicU64::new(0),
+            recovered_ms: AtomicU64::new(0),
+            started: Instant::now(),
+            epoch: AtomicU64::new(0),
             mark_ttl_ms: AtomicU64::new(86_400_000),
             lock_ttl: upstream_timeout + Duration::from_secs(5),
             pending: Mutex::default(),
@@ -337,8 +361,10 @@ impl Fleet {
     pub fn set_longest_retention(&self, retention: Duration) {
         let retention = retention.max(Duration::from_secs(86_400));
         let ms = (retention + Duration::from_secs(600)).as_millis();
+        // Never lowered: entries stored under a longer retention (before a
+        // reload) still need their marks.
         self.mark_ttl_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+            .fetch_max(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Takes (and clears) the flag that Redis lost its data since the last
@@ -377,13 +403,13 @@ impl Fleet {
 
     /// Runs one Redis call under the timeout, counting and timing it, and
     /// keeping the health state (logged once per change). While degraded,
-    /// only pings go out: the request path does not wait on a dead Redis.
+    /// the request path does not wait on a dead Redis: only pings and write
+    /// marks (a write can afford one try) go out.
     async fn call<T, F>(&self, op: &'static str, call: F) -> Result<T, FleetError>
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        if !self.is_healthy() && op != "ping" {
-            self.metrics.errors.with_label_values(&[op]).inc();
+        if !self.is_healthy() && op != "ping" && op != "mark" {
             return Err(FleetError::Degraded);
         }
         let started = Instant::now();
@@ -402,9 +428,22 @@ impl Fleet {
             }
             Err(e) => {
                 self.metrics.errors.with_label_values(&[op]).inc();
-                let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
-                if failures >= FAILURES_TO_DEGRADE || op == "ping" {
-                    self.set_health(false, Some(e));
+                // A script or type error is a bug or a bad key, not an
+                // outage: it fails its call but not the fleet.
+                let outage = match e {
+                    FleetError::Redis(e) => {
+                        e.is_timeout()
+                            || e.is_io_error()
+                            || e.is_connection_dropped()
+                            || e.is_connection_refusal()
+                    }
+                    _ => true,
+                };
+                if outage {
+                    let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+                    if failures >= FAILURES_TO_DEGRADE || op == "ping" {
+                        self.set_health(false, Some(e));
+                    }
                 }
             }
         }
@@ -418,13 +457,31 @@ impl Fleet {
         self.metrics.up.set(i64::from(healthy));
         let url = redact_url(&self.settings.url);
         match error {
-            None => tracing::info!(redis = %url, "fleet Redis answers again; shared tier back"),
+            None => {
+                let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.recovered_ms.store(now.max(1), Ordering::Release);
+                tracing::info!(redis = %url, "fleet Redis answers again; shared tier back")
+            }
             Some(error) => tracing::warn!(
                 redis = %url,
                 %error,
                 "fleet Redis unreachable; serving from memory and upstream (degraded)"
             ),
         }
+    }
+
+    /// False for a short while after Redis answers again (two sync rounds
+    /// and a timeout): siblings may still be sending the marks they kept
+    /// during the outage, so the degraded rule still applies to hits.
+    pub fn marks_settled(&self) -> bool {
+        let recovered = self.recovered_ms.load(Ordering::Acquire);
+        if recovered == 0 {
+            return true;
+        }
+        let timeout = u64::try_from(self.settings.timeout.as_millis()).unwrap_or(u64::MAX);
+        let window = (2 * SYNC_WINDOW_MS).saturating_add(timeout);
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        now.saturating_sub(recovered) >= window
     }
 
     async fn query<T: FromRedisValue>(&self, op: &'static str, cmd: Cmd) -> Result<T, FleetError> {
@@ -493,7 +550,7 @@ impl Fleet {
     pub async fn check_eviction_policy(&self) {
         let mut get = redis::cmd("CONFIG");
         get.arg("GET").arg("maxmemory-policy");
-        if let Ok(pair) = self.query::<Vec<String>>("secret", get).await {
+        if let Ok(pair) = self.query::<Vec<String>>("config", get).await {
             if let Some(policy) = pair.get(1) {
                 if policy != "noeviction" && policy != "volatile-ttl" {
                     tracing::warn!(
@@ -505,31 +562,50 @@ impl Fleet {
         }
     }
 
-    /// Notes a sequence number read from Redis; true when it is below one
-    /// seen before, i.e. Redis lost its data. Then everything is marked
-    /// written past the highest number seen, and memory must be dropped.
-    async fn lost(&self, seq: u64) -> bool {
-        let highest = self.highest_seen.fetch_max(seq, Ordering::AcqRel);
-        if seq >= highest {
-            return false;
-        }
-        tracing::warn!("fleet Redis lost its write sequence; dropping every shared entry");
-        self.lost_data.store(true, Ordering::Release);
-        let _ = self.mark(&[self.all_key()]).await;
-        true
+    fn epoch_key(&self) -> String {
+        format!("{}epoch", self.prefix)
     }
 
-    /// The fleet's write sequence now, taken before a read goes upstream.
-    /// None when Redis does not answer.
-    pub async fn ticket(&self) -> Option<u64> {
-        let mut get = redis::cmd("GET");
-        get.arg(self.seq_key());
-        let seq: Option<u64> = self.query("ticket", get).await.ok()?;
-        let seq = seq.unwrap_or(0);
-        if self.lost(seq).await {
-            return Some(self.highest_seen.load(Ordering::Acquire));
+    /// The epoch Redis holds, given what a read of the epoch key returned:
+    /// a missing one is created (the first replica's wins). When it differs
+    /// from the one this replica knew, Redis lost its data: memory must be
+    /// dropped (see [`Fleet::take_lost_data`]). None when Redis does not
+    /// answer.
+    async fn current_epoch(&self, read: Option<u64>) -> Option<u64> {
+        let epoch = match read {
+            Some(epoch) => epoch,
+            None => {
+                let mut set = redis::cmd("SET");
+                set.arg(self.epoch_key())
+                    .arg(rand::random::<u64>() | 1)
+                    .arg("NX");
+                let _: Option<String> = self.query("ticket", set).await.ok()?;
+                let mut get = redis::cmd("GET");
+                get.arg(self.epoch_key());
+                self.query::<Option<u64>>("ticket", get).await.ok()??
+            }
+        };
+        let known = self.epoch.swap(epoch, Ordering::AcqRel);
+        if known != 0 && known != epoch {
+            tracing::warn!(
+                "fleet Redis lost its data (a new epoch); dropping every entry in memory"
+            );
+            self.lost_data.store(true, Ordering::Release);
         }
-        Some(seq)
+        Some(epoch)
+    }
+
+    /// Where the fleet's writes stand now, taken before a read goes
+    /// upstream. None when Redis does not answer.
+    pub async fn ticket(&self) -> Option<Stamp> {
+        let mut mget = redis::cmd("MGET");
+        mget.arg(self.epoch_key()).arg(self.seq_key());
+        let read: Vec<Option<u64>> = self.query("ticket", mget).await.ok()?;
+        let epoch = self.current_epoch(read.first().copied().flatten()).await?;
+        Some(Stamp {
+            epoch,
+            seq: read.get(1).copied().flatten().unwrap_or(0),
+        })
     }
 
     async fn mark(&self, marks: &[String]) -> Result<u64, FleetError> {
@@ -537,12 +613,22 @@ impl Fleet {
         keys.push(self.seq_key());
         keys.extend(marks.iter().cloned());
         let ttl = self.mark_ttl_ms.load(Ordering::Relaxed).to_string();
-        let floor = self.highest_seen.load(Ordering::Acquire).to_string();
-        let seq: u64 = self
-            .script("mark", MARK, &keys, &[ttl.as_bytes(), floor.as_bytes()])
-            .await?;
-        self.highest_seen.fetch_max(seq, Ordering::AcqRel);
-        Ok(seq)
+        self.script("mark", MARK, &keys, &[ttl.as_bytes()]).await
+    }
+
+    fn keep_pending(&self, objects: &[&str], everything: bool) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.generation += 1;
+        let generation = pending.generation;
+        if everything || pending.objects.len() + objects.len() > MAX_PENDING_MARKS {
+            pending.objects.clear();
+            pending.everything = Some(generation);
+        } else {
+            for object in objects {
+                pending.objects.insert((*object).to_owned(), generation);
+            }
+        }
+        self.has_pending.store(true, Ordering::Release);
     }
 
     /// Marks `objects` written (every entry depending on one, in every
@@ -558,15 +644,7 @@ impl Fleet {
                 return;
             }
         }
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending
-            .objects
-            .extend(objects.iter().map(|o| (*o).to_owned()));
-        if pending.objects.len() > MAX_PENDING_MARKS {
-            pending.objects.clear();
-            pending.everything = true;
-        }
-        self.has_pending.store(true, Ordering::Release);
+        self.keep_pending(objects, false);
     }
 
     /// Marks everything written (a write graphcache cannot attribute).
@@ -577,10 +655,7 @@ impl Fleet {
                 return;
             }
         }
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending.objects.clear();
-        pending.everything = true;
-        self.has_pending.store(true, Ordering::Release);
+        self.keep_pending(&[], true);
     }
 
     /// True when one of `objects` was written by this replica and the mark
@@ -590,38 +665,45 @@ impl Fleet {
             return false;
         }
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending.everything || objects.iter().any(|o| pending.objects.contains(*o))
+        pending.everything.is_some() || objects.iter().any(|o| pending.objects.contains_key(*o))
     }
 
     /// Whether an entry stamped `stamp` (None: stored while Redis was
     /// unreachable) over `objects` may be served. One `MGET`, which also
-    /// reads the sequence, so a Redis that lost its data is noticed on hits.
-    pub async fn check(&self, stamp: Option<u64>, objects: &[&str]) -> Check {
+    /// reads the epoch, so a Redis that lost its data is noticed on hits.
+    pub async fn check(&self, stamp: Option<Stamp>, objects: &[&str]) -> Check {
         if self.pending_for(objects) {
             return Check::Written;
         }
-        if let Some(stamp) = stamp {
-            self.highest_seen.fetch_max(stamp, Ordering::AcqRel);
-        }
         let mut mget = redis::cmd("MGET");
-        mget.arg(self.seq_key()).arg(self.all_key());
+        mget.arg(self.epoch_key()).arg(self.all_key());
         for object in objects {
             mget.arg(self.mark_key(object));
         }
-        let marks: Vec<Option<u64>> = match self.query("check", mget).await {
-            Ok(marks) => marks,
+        let read: Vec<Option<String>> = match self.query("check", mget).await {
+            Ok(read) => read,
             Err(_) => return Check::Unknown,
         };
-        if self
-            .lost(marks.first().copied().flatten().unwrap_or(0))
-            .await
-        {
-            return Check::Written;
-        }
+        let epoch = read
+            .first()
+            .cloned()
+            .flatten()
+            .and_then(|e| e.parse::<u64>().ok());
+        let Some(epoch) = self.current_epoch(epoch).await else {
+            return Check::Unknown;
+        };
         let Some(stamp) = stamp else {
             return Check::Unstamped;
         };
-        if marks.iter().skip(1).flatten().any(|m| *m > stamp) {
+        if stamp.epoch != epoch {
+            return Check::Written;
+        }
+        // A mark that does not parse counts as a write.
+        let written = read[1..]
+            .iter()
+            .flatten()
+            .any(|m| m.parse::<u64>().map_or(true, |m| m > stamp.seq));
+        if written {
             Check::Written
         } else {
             Check::Valid
@@ -635,28 +717,31 @@ impl Fleet {
         self.query("get", get).await.ok().flatten()
     }
 
-    /// Stores `value` for `retention`, unless one of `objects` was marked
-    /// after `stamp` (checked by Redis in the same step).
+    /// Stores `value` for `retention`, unless Redis's epoch is not the
+    /// stamp's or one of `objects` was marked after it (checked by Redis in
+    /// the same step).
     pub async fn put(
         &self,
         key: &[u8; 32],
-        stamp: u64,
+        stamp: Stamp,
         objects: &[&str],
         value: &[u8],
         retention: Duration,
     ) -> Put {
-        let mut keys = Vec::with_capacity(objects.len() + 2);
+        let mut keys = Vec::with_capacity(objects.len() + 3);
         keys.push(self.entry_key("e", key));
+        keys.push(self.epoch_key());
         keys.push(self.all_key());
         keys.extend(objects.iter().map(|o| self.mark_key(o)));
         let ttl = retention.as_millis().max(1).to_string();
-        let stamp = stamp.to_string();
+        let seq = stamp.seq.to_string();
+        let epoch = stamp.epoch.to_string();
         let stored: Result<i64, _> = self
             .script(
                 "put",
                 PUT,
                 &keys,
-                &[stamp.as_bytes(), ttl.as_bytes(), value],
+                &[seq.as_bytes(), ttl.as_bytes(), value, epoch.as_bytes()],
             )
             .await;
         let (put, label) = match stored {
@@ -668,6 +753,14 @@ impl Fleet {
         put
     }
 
+    /// Drops the entry under a cache key if it still holds `value` (a
+    /// sibling may have stored a newer one since it was read).
+    pub async fn remove_if(&self, key: &[u8; 32], value: &[u8]) {
+        let _: Result<i64, _> = self
+            .script("remove", RELEASE, &[self.entry_key("e", key)], &[value])
+            .await;
+    }
+
     /// Drops the entry under a cache key.
     pub async fn remove(&self, key: &[u8; 32]) {
         let mut del = redis::cmd("DEL");
@@ -675,13 +768,13 @@ impl Fleet {
         let _: Result<i64, _> = self.query("remove", del).await;
     }
 
-    /// Takes the fill lock of a cache key for reads that started at fleet
-    /// sequence `seq`, or waits (at most `redis_lock_wait_ms`) for the
-    /// replica that holds it to store its answer. A read that starts after
-    /// a write gets a lock of its own: it never waits on a fetch from
-    /// before the write. The lock lives longer than any upstream exchange.
-    pub async fn claim(&self, key: &[u8; 32], seq: u64) -> Claim {
-        let lock = format!("{}:{seq}", self.entry_key("l", key));
+    /// Takes the fill lock of a cache key for reads stamped `stamp`, or
+    /// waits (at most `redis_lock_wait_ms`) for the replica that holds it
+    /// to store its answer. A read that starts after a write gets a lock of
+    /// its own: it never waits on a fetch from before the write. The lock
+    /// lives longer than any upstream exchange.
+    pub async fn claim(&self, key: &[u8; 32], stamp: Stamp) -> Claim {
+        let lock = format!("{}:{}:{}", self.entry_key("l", key), stamp.epoch, stamp.seq);
         let token: String = format!("{:032x}", rand::random::<u128>());
         let mut set = redis::cmd("SET");
         set.arg(&lock)
@@ -691,7 +784,16 @@ impl Fleet {
             .arg(u64::try_from(self.lock_ttl.as_millis()).unwrap_or(u64::MAX));
         match self.query::<Option<String>>("lock", set).await {
             Ok(Some(_)) => return Claim::Held(LockToken { key: lock, token }),
-            Ok(None) => {}
+            Ok(None) => {
+                // A retried SET (the first reply was lost) finds our own.
+                let mut get = redis::cmd("GET");
+                get.arg(&lock);
+                if let Ok(Some(holder)) = self.query::<Option<String>>("lock", get).await {
+                    if holder == token {
+                        return Claim::Held(LockToken { key: lock, token });
+                    }
+                }
+            }
             Err(_) => return Claim::Proceed,
         }
         let entry = self.entry_key("e", key);
@@ -719,7 +821,10 @@ impl Fleet {
                     waits.with_label_values(&["released"]).inc();
                     return Claim::Proceed;
                 }
-                Err(_) => return Claim::Proceed,
+                Err(_) => {
+                    waits.with_label_values(&["error"]).inc();
+                    return Claim::Proceed;
+                }
             }
         }
     }
@@ -759,8 +864,8 @@ impl Fleet {
     }
 
     /// One health round: a `PING` while degraded (so recovery is noticed
-    /// without traffic), then any marks that could not be sent. Pending
-    /// marks are forgotten only once Redis has them.
+    /// without traffic), then any marks that could not be sent. A replay
+    /// forgets only what it sent.
     pub async fn tend(&self) {
         if !self.is_healthy() {
             let _: Result<String, _> = self.query("ping", redis::cmd("PING")).await;
@@ -768,11 +873,12 @@ impl Fleet {
         if !self.is_healthy() || !self.has_pending.load(Ordering::Acquire) {
             return;
         }
-        let (objects, everything) = {
+        let (objects, everything, generation) = {
             let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            (pending.objects.clone(), pending.everything)
+            let objects: Vec<String> = pending.objects.keys().cloned().collect();
+            (objects, pending.everything, pending.generation)
         };
-        let sent = if everything {
+        let sent = if everything.is_some() {
             self.mark(&[self.all_key()]).await.is_ok()
         } else {
             let marks: Vec<String> = objects.iter().map(|o| self.mark_key(o)).collect();
@@ -785,17 +891,19 @@ impl Fleet {
         if !sent {
             return;
         }
-        self.metrics
-            .marks_sent
-            .inc_by(if everything { 1 } else { objects.len() as u64 });
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if everything {
-            pending.everything = false;
-            pending.objects.clear();
+        self.metrics.marks_sent.inc_by(if everything.is_some() {
+            1
         } else {
-            pending.objects.retain(|o| !objects.contains(o));
+            objects.len() as u64
+        });
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        // What was sent covers every object kept up to `generation` (marking
+        // everything covers them all); newer additions stay.
+        pending.objects.retain(|_, g| *g > generation);
+        if everything.is_some() && pending.everything.is_some_and(|g| g <= generation) {
+            pending.everything = None;
         }
-        if !pending.everything && pending.objects.is_empty() {
+        if pending.everything.is_none() && pending.objects.is_empty() {
             self.has_pending.store(false, Ordering::Release);
         }
     }
@@ -804,7 +912,7 @@ impl Fleet {
     #[cfg(test)]
     pub fn pending_marks(&self) -> usize {
         let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending.objects.len() + usize::from(pending.everything)
+        pending.objects.len() + usize::from(pending.everything.is_some())
     }
 }
 
@@ -860,21 +968,25 @@ mod tests {
         // One failure is not an outage; three in a row are.
         assert_eq!(f.ticket().await, None);
         assert!(f.is_healthy());
-        assert_eq!(f.check(Some(1), &["1"]).await, Check::Unknown);
-        assert_eq!(f.check(Some(1), &["1"]).await, Check::Unknown);
+        let stamp = Some(Stamp { epoch: 1, seq: 1 });
+        assert_eq!(f.check(stamp, &["1"]).await, Check::Unknown);
+        assert_eq!(f.check(stamp, &["1"]).await, Check::Unknown);
         assert!(!f.is_healthy());
         // While degraded nothing waits on Redis (only the ping goes out).
         let started = Instant::now();
-        assert_eq!(f.check(Some(1), &["2"]).await, Check::Unknown);
+        assert_eq!(f.check(stamp, &["2"]).await, Check::Unknown);
         assert!(started.elapsed() < Duration::from_millis(5));
         f.mark_written(&["1", "2"]).await;
         assert_eq!(f.pending_marks(), 2);
         // This replica treats what it could not mark as written.
-        assert_eq!(f.check(Some(1), &["2", "9"]).await, Check::Written);
-        assert_eq!(f.check(Some(1), &["9"]).await, Check::Unknown);
+        assert_eq!(f.check(stamp, &["2", "9"]).await, Check::Written);
+        assert_eq!(f.check(stamp, &["9"]).await, Check::Unknown);
         f.tend().await;
         assert_eq!(f.pending_marks(), 2, "kept while Redis is down");
-        assert!(matches!(f.claim(&[0; 32], 1).await, Claim::Proceed));
+        assert!(matches!(
+            f.claim(&[0; 32], Stamp { epoch: 1, seq: 1 }).await,
+            Claim::Proceed
+        ));
     }
 
     #[tokio::test]

@@ -32,7 +32,7 @@ use crate::upstream::{Answer, UpstreamTimer};
 /// and the write sequences (this replica's and, in a fleet, the fleet's)
 /// when they started: a read that starts after a write, through any
 /// replica, never joins a call that started before it.
-pub(crate) type FlightKey = (CacheKey, u64, Option<u64>);
+pub(crate) type FlightKey = (CacheKey, u64, Option<crate::fleet::Stamp>);
 
 /// What one upstream fetch came to; shared by every waiter of a flight.
 #[derive(Debug)]
@@ -206,7 +206,7 @@ impl Proxy {
         let flight_key = (
             cacheable.key,
             cacheable.ticket.sequence(),
-            cacheable.ticket.fleet_sequence(),
+            cacheable.ticket.fleet_stamp(),
         );
         let fallback = cacheable.usable_stale();
         let proxy = self.clone();

@@ -252,6 +252,11 @@ impl RateLimits {
                 .usage
                 .filter(|(_, at)| *at == now)
                 .map_or(0.0, |(r, _)| r);
+            // Pressure is shared while it lasts, and once more as it ends, so
+            // siblings see the drop too.
+            let was_pressed = state
+                .usage
+                .is_some_and(|(r, _)| r >= self.settings().pressure_threshold);
             state.usage = Some((update.ratio.max(previous), now));
             if let Some(wait) = update.blocked {
                 state.throttled_until = now.checked_add(wait);
@@ -262,7 +267,7 @@ impl RateLimits {
             if let Some(wait) = update.blocked {
                 self.share(share::Shared::throttle(&update.scope, wait, state.code));
             }
-            if update.ratio >= self.settings().pressure_threshold {
+            if update.ratio >= self.settings().pressure_threshold || was_pressed {
                 self.share(share::Shared::pressure(&update.scope, update.ratio));
             }
         }

@@ -19,7 +19,7 @@ use crate::ratelimit::{RateLimits, Scope, USAGE_MEMORY};
 
 /// How often a replica exchanges throttle state with the fleet: the
 /// longest a sibling's throttle can go unseen.
-pub const SYNC_INTERVAL: Duration = Duration::from_millis(250);
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(crate::fleet::SYNC_WINDOW_MS);
 
 /// Scopes queued between two syncs at most (a storm of distinct ones is
 /// cut, never unbounded).
