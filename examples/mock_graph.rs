@@ -16,6 +16,13 @@ async fn main() {
         .parse()
         .expect("an address such as 127.0.0.1:8089");
     let mock = mock_graph::MockGraph::start_on(addr).await;
+    // An origin delay, for the performance race's cold-burst scenario.
+    if let Some(ms) = std::env::var("MOCK_GRAPH_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        mock.set_delay(std::time::Duration::from_millis(ms));
+    }
     println!("mock Graph API listening on {}", mock.url());
     println!(
         "try: curl -i '{}/v26.0/act_1/campaigns?access_token=demo'",
@@ -23,7 +30,7 @@ async fn main() {
     );
     let mut last = 0;
     loop {
-        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         if mock.requests() != last {
             last = mock.requests();
             println!(
