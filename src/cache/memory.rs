@@ -18,7 +18,7 @@ use moka::notification::RemovalCause;
 use moka::Expiry;
 
 use crate::cache::entry::CachedResponse;
-use crate::cache::key::CacheKey;
+use crate::cache::key::{CacheKey, KeyHashing};
 use crate::cache::Store;
 use crate::graph::routes::ObjectId;
 
@@ -68,7 +68,7 @@ pub type EvictionObserver = Arc<dyn Fn(RemovalCause) + Send + Sync>;
 /// The cache and its object index. Cloning is cheap and shares both.
 #[derive(Clone)]
 pub struct MemoryStore {
-    cache: Cache<CacheKey, Arc<CachedResponse>>,
+    cache: Cache<CacheKey, Arc<CachedResponse>, KeyHashing>,
     index: Arc<Mutex<Index>>,
     write_seq: Arc<AtomicU64>,
     next_entry_id: Arc<AtomicU64>,
@@ -117,7 +117,7 @@ impl MemoryStore {
                     unindex(&mut lock(&listener_index), &key, &value);
                 },
             )
-            .build();
+            .build_with_hasher(KeyHashing::default());
         Self {
             cache,
             index,
