@@ -917,3 +917,24 @@ async fn paging_links_are_rewritten_by_default_and_left_alone_when_off_and_in_wr
         "a rewritten body has a weak tag"
     );
 }
+
+#[tokio::test]
+async fn hits_have_their_paging_links_rewritten_and_plain_entries_skip_the_scan() {
+    let h = Harness::with(|c| c.routes.default.fresh_ttl = Duration::from_secs(60)).await;
+    let target = "/v26.0/act_1/ads?access_token=EAAtokenA";
+    h.get(target).await;
+    // The entry remembers it holds a link: a hit is rewritten like a miss.
+    let hit = h.get(target).await;
+    assert!(hit.cache().hit, "{}", hit.cache_status());
+    let next = hit.json()["paging"]["next"].as_str().unwrap().to_owned();
+    assert!(next.starts_with(&format!("http://{}/", h.addr)), "{next}");
+    // A node without links is served as stored.
+    h.get("/v26.0/act_1?access_token=EAAtokenA").await;
+    let plain = h.get("/v26.0/act_1?access_token=EAAtokenA").await;
+    assert!(plain.cache().hit);
+    assert!(!plain.text().contains("127.0.0.1"));
+    assert_eq!(
+        plain.header("etag").map(|t| t.starts_with("W/")),
+        Some(false)
+    );
+}

@@ -51,6 +51,9 @@ pub struct CachedResponse {
     /// The answer shows more objects than an entry may be indexed under, so
     /// a write to one of them would not find it: it is always revalidated.
     pub members_unindexed: bool,
+    /// False when its body is known to hold no paging link to rewrite, so a
+    /// hit skips the scan (true: unknown, or it has some).
+    pub paging_links: bool,
     /// What its `Vary` names, when it names anything graphcache honours.
     pub vary: Option<VaryValues>,
     /// In a fleet: the fleet's write sequence when the read that filled it
@@ -89,6 +92,7 @@ impl CachedResponse {
             policy,
             objects,
             members_unindexed: false,
+            paging_links: true,
             vary: None,
             fleet_stamp: None,
             entry_id: 0,
@@ -160,6 +164,7 @@ impl CachedResponse {
             policy: self.policy,
             objects: self.objects.clone(),
             members_unindexed: self.members_unindexed,
+            paging_links: self.paging_links,
             vary: self.vary.clone(),
             fleet_stamp: None,
             entry_id: 0,

@@ -35,6 +35,7 @@ struct Wire<'a> {
     stale_ms: u64,
     always_revalidate: bool,
     members_unindexed: bool,
+    paging_links: bool,
     #[serde(borrow)]
     objects: Vec<&'a str>,
     #[serde(borrow)]
@@ -194,6 +195,7 @@ pub(super) fn encode(
         stale_ms: millis(entry.policy.max_stale),
         always_revalidate: entry.policy.always_revalidate,
         members_unindexed: entry.members_unindexed,
+        paging_links: entry.paging_links,
         objects: entry.objects.iter().map(ObjectId::as_str).collect(),
         headers: entry
             .headers
@@ -279,6 +281,7 @@ pub(super) fn decode(
     let age = Duration::from_millis(now_unix_ms.saturating_sub(wire.stored_unix_ms));
     entry.stored_at = now.checked_sub(age).unwrap_or(now);
     entry.members_unindexed = wire.members_unindexed;
+    entry.paging_links = wire.paging_links;
     entry.vary = vary;
     entry.fleet_stamp = Some(Stamp {
         epoch: wire.epoch,
@@ -322,6 +325,7 @@ mod tests {
         assert_eq!(back.policy, entry.policy);
         assert_eq!(back.vary, entry.vary);
         assert_eq!(back.fleet_stamp, Some(stamp));
+        assert_eq!(back.paging_links, entry.paging_links);
         assert_eq!(back.age(later).as_millis(), 1500);
     }
 

@@ -130,14 +130,15 @@ impl Proxy {
         let timer = UpstreamTimer::default();
         // One configuration for the whole request, even across a reload.
         let config = self.config.load_full();
-        let (response, outcome) = match self.route(&parts, body, &config, &timer).await {
-            Ok(handled) => (handled.response, handled.outcome),
+        let (response, outcome, links) = match self.route(&parts, body, &config, &timer).await {
+            Ok(handled) => (handled.response, handled.outcome, handled.links),
             Err(error) => {
                 tracing::warn!(kind = error.kind(), error = %error, "request failed");
-                (error.to_response(), Outcome::Error)
+                (error.to_response(), Outcome::Error, false)
             }
         };
         let response = if config.rewrite_paging_links
+            && links
             && parts.method == Method::GET
             && outcome != Outcome::Write
             && response.status() == StatusCode::OK

@@ -169,11 +169,18 @@ fn text(value: String) -> HeaderValue {
 pub(crate) struct Handled {
     pub(crate) response: Response<ResponseBody>,
     pub(crate) outcome: Outcome,
+    /// False when the body is known to hold no paging link: the edge skips
+    /// the rewrite's scan (a stored entry, checked once when stored).
+    pub(crate) links: bool,
 }
 
 impl Handled {
     pub(crate) fn new(response: Response<ResponseBody>, outcome: Outcome) -> Self {
-        Self { response, outcome }
+        Self {
+            response,
+            outcome,
+            links: true,
+        }
     }
 }
 
@@ -210,7 +217,10 @@ pub(crate) fn serve_entry(
     if head {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
     }
-    Handled::new(response, outcome)
+    Handled {
+        links: entry.paging_links,
+        ..Handled::new(response, outcome)
+    }
 }
 
 /// A 304 carrying the validator and caching headers of `headers`.

@@ -224,6 +224,7 @@ impl Proxy {
             objects,
         );
         entry.members_unindexed = unindexed;
+        entry.paging_links = self.paging.has_links(&entry.body);
         if let VaryCheck::Values(values) = vary {
             entry.vary = Some(values.clone());
         }
