@@ -379,11 +379,8 @@ impl Fleet {
 
     /// The key of an entry or lock under a cache key's 32 bytes.
     fn entry_key(&self, kind: &str, key: &[u8; 32]) -> String {
-        let mut hex = String::with_capacity(64);
-        for b in key {
-            hex.push_str(&format!("{b:02x}"));
-        }
-        self.key(kind, &hex)
+        // blake3's fixed-size hex: no allocation per byte.
+        self.key(kind, &blake3::Hash::from_bytes(*key).to_hex())
     }
 
     /// The key of an object's write mark. Hashed: ids come from client
@@ -531,9 +528,9 @@ impl Fleet {
         }
         let key = self.key("meta", "secret");
         let fresh: [u8; 32] = rand::random();
-        let hex: String = fresh.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = blake3::Hash::from_bytes(fresh).to_hex();
         let mut set = redis::cmd("SET");
-        set.arg(&key).arg(&hex).arg("NX");
+        set.arg(&key).arg(hex.as_str()).arg("NX");
         let _: Option<String> = self.query("secret", set).await?;
         let mut get = redis::cmd("GET");
         get.arg(&key);

@@ -87,6 +87,17 @@ struct ScopeState {
     usage: Option<(f64, Instant)>,
 }
 
+impl ScopeState {
+    /// A scope first heard of: neither throttled nor under known usage.
+    fn new(code: i64) -> Self {
+        Self {
+            throttled_until: None,
+            code,
+            usage: None,
+        }
+    }
+}
+
 /// What the read path may do for a request's scopes right now.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Verdict {
@@ -188,11 +199,7 @@ impl RateLimits {
         self.active.store(true, Ordering::Release);
         let mut scopes = self.lock();
         prune(&mut scopes, now);
-        let state = scopes.entry(scope).or_insert(ScopeState {
-            throttled_until: None,
-            code,
-            usage: None,
-        });
+        let state = scopes.entry(scope).or_insert(ScopeState::new(code));
         // Its own report coming back differs by rounding only.
         if state
             .throttled_until
@@ -215,11 +222,7 @@ impl RateLimits {
         self.active.store(true, Ordering::Release);
         let mut scopes = self.lock();
         prune(&mut scopes, now);
-        let state = scopes.entry(scope).or_insert(ScopeState {
-            throttled_until: None,
-            code: 0,
-            usage: None,
-        });
+        let state = scopes.entry(scope).or_insert(ScopeState::new(0));
         if state
             .usage
             .is_some_and(|(_, seen)| seen + Duration::from_millis(10) >= at)
@@ -243,11 +246,9 @@ impl RateLimits {
         let mut scopes = self.lock();
         prune(&mut scopes, now);
         for update in observations.scopes {
-            let state = scopes.entry(update.scope.clone()).or_insert(ScopeState {
-                throttled_until: None,
-                code: 0,
-                usage: None,
-            });
+            let state = scopes
+                .entry(update.scope.clone())
+                .or_insert(ScopeState::new(0));
             let previous = state
                 .usage
                 .filter(|(_, at)| *at == now)
@@ -302,11 +303,7 @@ impl RateLimits {
         for (scope, wait) in throttle.blocked {
             let scope_key = scope.clone();
             tracing::warn!(scope = ?scope, code, wait_seconds = wait.as_secs(), "Graph is throttling; serving stored entries for this scope");
-            let state = scopes.entry(scope).or_insert(ScopeState {
-                throttled_until: None,
-                code,
-                usage: None,
-            });
+            let state = scopes.entry(scope).or_insert(ScopeState::new(code));
             state.throttled_until = now.checked_add(wait);
             state.code = code;
             self.share(share::Shared::throttle(&scope_key, wait, code));

@@ -42,8 +42,7 @@ fn scope_text(scope: &Scope) -> String {
         Scope::App => "app".to_owned(),
         Scope::Object(id) => format!("o:{}", id.as_str()),
         Scope::Caller(identity) => {
-            let hex: String = identity.0.iter().map(|b| format!("{b:02x}")).collect();
-            format!("c:{hex}")
+            format!("c:{}", blake3::Hash::from_bytes(identity.0).to_hex())
         }
     }
 }
