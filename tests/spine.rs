@@ -240,6 +240,30 @@ async fn a_batch_in_the_query_beside_another_body_drops_everything() {
 }
 
 #[tokio::test]
+async fn a_form_write_too_large_to_read_whole_drops_everything() {
+    let h = Harness::with(fresh(300)).await;
+    let named = cached_version(&h, "561").await;
+    let unrelated = cached_version(&h, "781").await;
+    // `adset_id=561` comes after the first MiB, which is all graphcache reads
+    // of a body before forwarding it: it cannot see what the write names.
+    let body = format!("name=x&pad={}&adset_id=561", "p".repeat(1 << 20));
+    let write = h
+        .send(
+            Method::POST,
+            "/v26.0/act_9/ads?access_token=EAAtokenA",
+            &[FORM],
+            &body,
+        )
+        .await;
+    assert_eq!(write.status, 200);
+    assert_eq!(h.mock.writes(), 1, "forwarded once");
+    assert_refetched_changed(&h, "561", &named).await;
+    let other = h.get("/v26.0/781?access_token=EAAtokenA").await;
+    assert!(other.is_miss(), "{}", other.cache_status());
+    assert_eq!(other.json()["version"], unrelated);
+}
+
+#[tokio::test]
 async fn percent_encoded_ids_and_repeated_methods_are_writes_to_their_object() {
     let h = Harness::with(fresh(300)).await;
     let before = cached_version(&h, "560").await;

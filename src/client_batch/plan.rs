@@ -319,7 +319,9 @@ fn json_path<'a>(document: &'a Value, path: &str) -> Option<Vec<&'a Value>> {
 /// Puts graphcache's own validator on a forwarded read item, replacing the
 /// item's own `If-None-Match` (in the documented `"Name: value"` form), or
 /// removes the item's conditional when graphcache has none: a miss is
-/// fetched whole, stored, and the item's conditional answered locally.
+/// fetched whole, stored, and the item's conditional answered locally. An
+/// item's `Range`/`If-Range` go too, as they do for a single read: the
+/// answer is stored and served whole.
 pub fn set_validator(item: &mut Item, tag: Option<&str>) {
     let had_headers = item.raw.contains_key("headers");
     let mut headers: Vec<Value> = item
@@ -335,7 +337,10 @@ pub fn set_validator(item: &mut Item, tag: Option<&str>) {
                 Value::Object(o) => o.get("name").and_then(Value::as_str).unwrap_or(""),
                 _ => "",
             };
-            !name.trim().eq_ignore_ascii_case("if-none-match")
+            let name = name.trim();
+            !["if-none-match", "range", "if-range"]
+                .iter()
+                .any(|n| name.eq_ignore_ascii_case(n))
         })
         .collect();
     if let Some(tag) = tag {
@@ -504,7 +509,7 @@ mod tests {
     #[test]
     fn validators_replace_or_remove_the_item_conditional() {
         let mut batch = batch_of(
-            r#"[{"method":"GET","relative_url":"1","headers":["If-None-Match: \"theirs\"","X-A: 1"]},
+            r#"[{"method":"GET","relative_url":"1","headers":["If-None-Match: \"theirs\"","X-A: 1","Range: bytes=0-4",{"name":"if-range","value":"\"theirs\""}]},
                 {"method":"GET","relative_url":"2"}]"#,
         );
         set_validator(&mut batch.items[0], None);

@@ -21,6 +21,7 @@ use crate::client_batch::plan::{
 };
 use crate::client_batch::reply::{batch_reply, conditional_entry, reply_entry, rewrite_bodies};
 use crate::client_batch::{ClientBatch, Item};
+use crate::config::Config;
 use crate::error::ProxyError;
 use crate::graph::batch::ItemReply;
 use crate::graph::query::QueryParams;
@@ -58,7 +59,7 @@ impl Proxy {
             return self.serve_batch(request, timer).await;
         }
         let proxy = self.clone();
-        let wait = self.config.load().write_slot_wait;
+        let wait = request.config.write_slot_wait;
         let task = self
             .detached
             .spawn(wait, async move {
@@ -88,6 +89,7 @@ impl Proxy {
     ) -> Result<Handled, ProxyError> {
         let BatchRequest {
             head,
+            config,
             mut batch,
             credentials,
             method_override,
@@ -103,7 +105,6 @@ impl Proxy {
         let ticket = self.store.read_ticket().await;
         let now = Instant::now();
         let include_headers = batch.include_headers;
-        let config = self.config.load_full();
         let routes = &config.routes;
         let mut plans = Vec::with_capacity(batch.items.len());
         let mut subjects = Vec::with_capacity(batch.items.len());
@@ -200,7 +201,7 @@ impl Proxy {
                 Plan::Local(entry) => entry,
                 _ => unreachable!("every item was answered locally"),
             }));
-            self.rewrite_item_paging(&head, &mut replies);
+            self.rewrite_item_paging(&config, &head, &mut replies);
             let status = CacheStatus::BatchHit { items: local };
             return Ok(Handled::new(
                 batch_reply(&replies, None, status.header()),
@@ -299,7 +300,7 @@ impl Proxy {
             };
             replies.push(reply);
         }
-        self.rewrite_item_paging(&head, &mut replies);
+        self.rewrite_item_paging(&config, &head, &mut replies);
         let status = CacheStatus::Forward {
             fwd: if local > 0 { Fwd::Partial } else { Fwd::Method },
             fwd_status: Some(200),
@@ -465,8 +466,13 @@ impl Proxy {
     }
 
     /// Points paging links inside item bodies back at graphcache.
-    fn rewrite_item_paging(&self, head: &http::request::Parts, entries: &mut [Value]) {
-        if !self.config.load().rewrite_paging_links {
+    fn rewrite_item_paging(
+        &self,
+        config: &Config,
+        head: &http::request::Parts,
+        entries: &mut [Value],
+    ) {
+        if !config.rewrite_paging_links {
             return;
         }
         let rewriter = &self.paging;

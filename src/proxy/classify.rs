@@ -75,6 +75,9 @@ pub(crate) enum Kind {
 /// with writes can finish in its own task after a disconnect.
 pub(crate) struct BatchRequest {
     pub head: Parts,
+    /// The configuration the request was classified under: the whole batch,
+    /// in its own task too, runs under it even across a reload.
+    pub config: Arc<Config>,
     pub batch: ClientBatch,
     pub credentials: Result<BatchCredentials, crate::cache::identity::Ambiguous>,
     /// Sent as `GET ...?method=post&batch=...`: `method` is not forwarded.
@@ -97,7 +100,7 @@ impl Proxy {
         &self,
         parts: &'a Parts,
         body: Incoming,
-        config: &Config,
+        config: &Arc<Config>,
     ) -> Result<(Request<'a>, Kind), ProxyError> {
         self.check_head(parts, config)?;
         let query = QueryParams::parse(parts.uri.query());
@@ -180,6 +183,7 @@ impl Proxy {
                     if let Some(batch) = crate::client_batch::parse(&query, None, b"")? {
                         return Ok(self.batch_request(
                             parts,
+                            config,
                             query,
                             batch,
                             override_post && reads,
@@ -207,6 +211,7 @@ impl Proxy {
                                 if !batch.top_level.iter().any(|(k, _)| k == "callback") {
                                     return Ok(self.batch_request(
                                         parts,
+                                        config,
                                         query,
                                         batch,
                                         override_post && reads,
@@ -224,7 +229,9 @@ impl Proxy {
                         full_body(bytes)
                     }
                     Collected::Overflow { prefix, rest } => {
-                        sniffed_batch = names_batch_part(&prefix);
+                        // Past 1 MiB graphcache cannot see the ids (or the
+                        // `batch` part) the rest may name: drop everything.
+                        sniffed_batch = true;
                         limited_body(
                             ResponseBody::Relay {
                                 prefix: Some(prefix),
@@ -240,8 +247,9 @@ impl Proxy {
             };
             let scope = is_write.then(|| {
                 // A batch graphcache does not serve item by item (files,
-                // JSONP, a batch in the query beside another body) changes
-                // objects it cannot see: it drops everything.
+                // JSONP, a batch in the query beside another body), or a
+                // form, JSON or multipart body too large to read whole,
+                // changes objects it cannot see: it drops everything.
                 if sniffed_batch
                     || query.contains("batch")
                     || body_params.iter().any(|(k, _)| k == "batch")
@@ -337,6 +345,7 @@ impl Proxy {
     fn batch_request<'a>(
         &self,
         parts: &'a Parts,
+        config: &Arc<Config>,
         query: QueryParams<'a>,
         batch: ClientBatch,
         method_override: bool,
@@ -363,6 +372,7 @@ impl Proxy {
         };
         let kind = Kind::Batch(Box::new(BatchRequest {
             head,
+            config: config.clone(),
             batch,
             credentials,
             method_override,

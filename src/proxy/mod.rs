@@ -167,7 +167,7 @@ impl Proxy {
         self: &Arc<Self>,
         parts: &http::request::Parts,
         body: Incoming,
-        config: &Config,
+        config: &Arc<Config>,
         timer: &UpstreamTimer,
     ) -> Result<Handled, ProxyError> {
         let (request, kind) = self.classify(parts, body, config).await?;
