@@ -2,7 +2,7 @@
 //! request order (§2.5), each `{code, headers, body}` with `body` a string.
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Response;
 use serde_json::{Map, Value};
 
@@ -12,9 +12,9 @@ use crate::headers::if_none_match_matches;
 
 /// One entry of the reply: `{code, headers, body}`; `headers` left out when
 /// the client asked `include_headers=false`.
-pub fn reply_entry(
+pub fn reply_entry<'h>(
     code: u16,
-    headers: &HeaderMap,
+    headers: impl IntoIterator<Item = (&'h HeaderName, &'h HeaderValue)>,
     body: Option<&Bytes>,
     include_headers: bool,
 ) -> Value {
@@ -22,7 +22,7 @@ pub fn reply_entry(
     entry.insert("code".into(), Value::from(code));
     if include_headers {
         let list: Vec<Value> = headers
-            .iter()
+            .into_iter()
             .map(|(n, v)| {
                 serde_json::json!({"name": graph_header_name(n.as_str()), "value": String::from_utf8_lossy(v.as_bytes())})
             })
@@ -59,10 +59,10 @@ fn graph_header_name(name: &str) -> String {
 /// An item's answer (a stored entry, or a 200 fetched for it): 304 with no
 /// body when the item sent its own matching `If-None-Match`, else 200 with
 /// the body. A 304 goes only to an item that asked for one (§2.6).
-pub fn conditional_entry(
+pub fn conditional_entry<'h>(
     item: &Item,
     etag: Option<&HeaderValue>,
-    headers: &HeaderMap,
+    headers: impl IntoIterator<Item = (&'h HeaderName, &'h HeaderValue)>,
     body: &Bytes,
     include_headers: bool,
 ) -> Value {

@@ -154,7 +154,7 @@ impl Proxy {
                     plans.push(Plan::Local(conditional_entry(
                         item,
                         entry.etag.as_ref(),
-                        &entry.headers,
+                        entry.headers.iter(),
                         &entry.body,
                         include_headers,
                     )));
@@ -438,7 +438,7 @@ impl Proxy {
             conditional_entry(
                 item,
                 entry.etag.as_ref(),
-                &entry.headers,
+                entry.headers.iter(),
                 &entry.body,
                 include_headers,
             )

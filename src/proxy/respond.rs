@@ -2,7 +2,7 @@
 //! carries, typed so the outcome never travels as a string.
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 
@@ -199,7 +199,7 @@ pub(crate) fn serve_entry(
         .as_ref()
         .is_some_and(|tag| if_none_match_matches(&parts.headers, tag))
     {
-        let mut response = not_modified(&entry.headers, status.header());
+        let mut response = not_modified(|name| entry.headers.get(name), status.header());
         response.headers_mut().insert(header::AGE, age);
         return Handled::new(response, outcome);
     }
@@ -224,8 +224,8 @@ pub(crate) fn serve_entry(
 }
 
 /// A 304 carrying the validator and caching headers of `headers`.
-pub(crate) fn not_modified(
-    headers: &HeaderMap,
+pub(crate) fn not_modified<'h>(
+    header: impl Fn(&HeaderName) -> Option<&'h HeaderValue>,
     cache_status: HeaderValue,
 ) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::Empty);
@@ -237,7 +237,7 @@ pub(crate) fn not_modified(
         header::EXPIRES,
         header::VARY,
     ] {
-        if let Some(value) = headers.get(&name) {
+        if let Some(value) = header(&name) {
             out.insert(name, value.clone());
         }
     }
@@ -258,7 +258,7 @@ pub(crate) fn answer_response(
             .get(header::ETAG)
             .is_some_and(|tag| if_none_match_matches(&parts.headers, tag));
     if matches {
-        return not_modified(&answer.headers, status.header());
+        return not_modified(|name| answer.headers.get(name), status.header());
     }
     collected(answer, parts.method == Method::HEAD, status)
 }

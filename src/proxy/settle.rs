@@ -5,12 +5,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::StatusCode;
 
-use crate::cache::entry::{
-    owned_headers, vary_of, vary_values, Vary, VaryValues, MAX_ENTRY_OBJECTS,
-};
+use crate::cache::entry::{vary_of_values, vary_values, Vary, VaryValues, MAX_ENTRY_OBJECTS};
 use crate::cache::{CacheKey, CachedResponse, Freshness, OwnedSecrets, ReadTicket, Store};
 use crate::graph::jobs::{job_read, job_state, JobRead};
 use crate::graph::members::members_of;
@@ -89,8 +87,8 @@ pub(crate) enum VaryCheck {
 }
 
 impl VaryCheck {
-    fn of(answer_headers: &HeaderMap, basis: &HeaderMap) -> Self {
-        match vary_of(answer_headers) {
+    fn of<'a>(vary: impl IntoIterator<Item = &'a HeaderValue>, basis: &HeaderMap) -> Self {
+        match vary_of_values(vary) {
             Vary::None => Self::Any,
             Vary::Headers(names) => Self::Values(vary_values(&names, basis)),
             Vary::Any => Self::Nobody,
@@ -132,7 +130,10 @@ impl Proxy {
                 refreshed.policy = entry_policy(cacheable.policy, entry.members_unindexed);
                 if answer.headers.contains_key(header::VARY) {
                     // A 304 that changes `Vary` changes whom the entry serves.
-                    match VaryCheck::of(&refreshed.headers, &cacheable.vary_basis) {
+                    match VaryCheck::of(
+                        refreshed.headers.get_all(&header::VARY),
+                        &cacheable.vary_basis,
+                    ) {
                         VaryCheck::Any => refreshed.vary = None,
                         VaryCheck::Values(values) => refreshed.vary = Some(values),
                         VaryCheck::Nobody => {
@@ -163,7 +164,7 @@ impl Proxy {
         if status.is_client_error() && !throttled && cacheable.entry.is_some() {
             self.store.remove(&cacheable.key).await;
         }
-        let vary = VaryCheck::of(&answer.headers, &cacheable.vary_basis);
+        let vary = VaryCheck::of(answer.headers.get_all(header::VARY), &cacheable.vary_basis);
         match self.storable_entry(answer, cacheable, policy, &vary) {
             Ok(entry) => Settled::Relay {
                 stored: self
@@ -208,7 +209,8 @@ impl Proxy {
         if !storable_body(&answer.body) {
             return Err(None);
         }
-        let mut headers = owned_headers(&answer.headers);
+        // Copied into the entry's own buffer by `CachedResponse::new`.
+        let mut headers = answer.headers.clone();
         strip_per_call(&mut headers);
         headers.remove(header::CONTENT_LENGTH);
         let etag = headers.get(header::ETAG).cloned();
@@ -338,11 +340,13 @@ mod tests {
         answer.insert("vary", HeaderValue::from_static("Foo"));
         let mut one = HeaderMap::new();
         one.insert("foo", HeaderValue::from_static("1"));
-        let check = VaryCheck::of(&answer, &one);
+        let check = VaryCheck::of(answer.get_all(header::VARY), &one);
         assert!(check.admits(&one));
         assert!(!check.admits(&HeaderMap::new()));
         answer.insert("vary", HeaderValue::from_static("*"));
-        assert!(!VaryCheck::of(&answer, &one).admits(&one));
-        assert!(VaryCheck::of(&HeaderMap::new(), &one).admits(&HeaderMap::new()));
+        assert!(!VaryCheck::of(answer.get_all(header::VARY), &one).admits(&one));
+        assert!(
+            VaryCheck::of(HeaderMap::new().get_all(header::VARY), &one).admits(&HeaderMap::new())
+        );
     }
 }
