@@ -88,9 +88,9 @@ origin_count() { wc -l < "$work/logs/origin-access.log"; }
 # Each start_* runs one target on core 0 against $1 (an origin URL) with
 # TTL $2 seconds (0: revalidate every hit), and records its pid.
 target_pid=""
-start_nginx() {
+start_nginx() { # upstream ttl (0: nginx's least, 1 s; -1: no cache, every request proxied)
   local upstream=$1 ttl=$2 valid
-  valid=$(( ttl == 0 ? 1 : ttl ))
+  valid=$(( ttl == 0 ? 1 : (ttl < 0 ? 0 : ttl) ))
   rm -rf "$work/cache"/*
   cat > "$work/nginx.conf" <<EOF
 worker_processes 1;
@@ -146,11 +146,11 @@ EOF
   pids+=($target_pid)
   wait_port "$VARNISH_PORT"
 }
-start_graphcache() {
-  local upstream=$1 ttl=$2 batch=${3:-false}
+start_graphcache() { # upstream ttl [packing] [coalescing]
+  local upstream=$1 ttl=$2 batch=${3:-false} coalesce=${4:-true}
   GRAPHCACHE_LISTEN=127.0.0.1:$GC_PORT GRAPHCACHE_ADMIN_LISTEN=127.0.0.1:$GC_ADMIN \
   GRAPHCACHE_UPSTREAM=$upstream GRAPHCACHE_FRESH_TTL=$ttl GRAPHCACHE_ACCESS_LOG=false \
-  GRAPHCACHE_BATCH=$batch GRAPHCACHE_LOG_LEVEL=warn \
+  GRAPHCACHE_BATCH=$batch GRAPHCACHE_COALESCE=$coalesce GRAPHCACHE_LOG_LEVEL=warn \
     taskset -c 0 "$BIN" >"$work/logs/graphcache.log" 2>&1 &
   target_pid=$!
   pids+=($target_pid)
@@ -169,7 +169,7 @@ stop_target() {
   for p in "${pids[@]}"; do [ "$p" != "$target_pid" ] && kept+=("$p"); done
   pids=("${kept[@]}")
 }
-port_of() { case $1 in nginx) echo $NGINX_PORT;; varnish) echo $VARNISH_PORT;; graphcache) echo $GC_PORT;; bare) echo $BARE_PORT;; esac; }
+port_of() { case $1 in nginx) echo $NGINX_PORT;; varnish) echo $VARNISH_PORT;; graphcache) echo $GC_PORT;; bare) echo $BARE_PORT;; direct) echo $MOCK_PORT;; esac; }
 
 # wrk scripts: S2 spreads over 1,000 URLs; S5 sends the stored ETag.
 cat > "$work/many.lua" <<'EOF'
@@ -177,6 +177,15 @@ local i = 0
 request = function()
   i = (i + 1) % 1000
   return wrk.format("GET", "/v26.0/obj" .. i .. "?access_token=EAArace")
+end
+EOF
+
+# M: every request a distinct URL (a miss), one connection.
+cat > "$work/unique.lua" <<'EOF'
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("GET", "/v26.0/obj" .. (i % 1000) .. "?access_token=EAArace&n=" .. i)
 end
 EOF
 
@@ -197,6 +206,14 @@ measure() { # url [extra wrk args...]
   cpu=$(awk -v d="$DUR" '{printf "%.0f", ($1+$2)/d*100}' "$work/wrk.time")
   grep -q "Non-2xx\|Socket errors" "$work/wrk.out" && grep -E "Non-2xx|Socket errors" "$work/wrk.out" | sed 's/^/  warning: /' >&2
   echo "${rps:-0} ${p99:-0} ${cpu:-0}"
+}
+
+# A latency measurement, one connection: prints "p50_ms p99_ms req/s".
+latency() { # url [extra wrk args...]
+  local url=$1; shift
+  taskset -c 1 wrk -t1 -c1 -d"${DUR}s" --latency "$@" "$url" > "$work/wrk.out" 2>&1
+  awk 'function ms(v) { if (v ~ /us$/) {sub("us","",v); return v/1000} if (v ~ /ms$/) {sub("ms","",v); return v} sub("s","",v); return v*1000 }
+       $1=="50%" {p50=ms($2)} $1=="99%" {p99=ms($2)} /Requests\/sec/ {r=$2} END {print p50+0, p99+0, r+0}' "$work/wrk.out"
 }
 
 results="$work/results.txt"
@@ -234,12 +251,21 @@ for round in $(seq 1 "$ROUNDS"); do
       stop_target
     done
   done
-  # S3: every hit revalidated (TTL 0; nginx's least TTL is 1 s), packing
-  # off against the static origin; graphcache once more against the mock,
-  # which answers batches, with packing on.
-  for target in nginx varnish graphcache; do
-    case $target in
-      nginx) start_nginx "$origin" 0;; varnish) start_varnish "$origin" 0;; graphcache) start_graphcache "$origin" 0 false;;
+  # S3: every hit revalidated (TTL 0), packing off against the static
+  # origin. S3 proper: nginx at its least TTL (1 s), Varnish at TTL 0 with
+  # keep, graphcache with coalescing (identical concurrent revalidations
+  # share one call). S3p: one upstream request per client request, nginx
+  # not caching (a plain proxy) beside graphcache with coalescing off, each
+  # of its requests a conditional GET answered 304. Then graphcache once
+  # more against the mock, which answers batches, with packing on.
+  for variant in "S3 nginx" "S3 varnish" "S3 graphcache" "S3p nginx" "S3p graphcache"; do
+    read -r scen target <<<"$variant"
+    case $variant in
+      "S3 nginx") start_nginx "$origin" 0;;
+      "S3 varnish") start_varnish "$origin" 0;;
+      "S3 graphcache") start_graphcache "$origin" 0 false true;;
+      "S3p nginx") start_nginx "$origin" -1;;
+      "S3p graphcache") start_graphcache "$origin" 0 false false;;
     esac
     base="http://127.0.0.1:$(port_of $target)"
     curl -s -o /dev/null "$base$hot"
@@ -249,8 +275,8 @@ for round in $(seq 1 "$ROUNDS"); do
     m=$(measure "$base$hot")
     sleep 0.2
     after=$(origin_count)
-    record "$round S3 $target $m $((after - before))"
-    echo "  S3 $target: $m origin=$((after - before))" >&2
+    record "$round $scen $target $m $((after - before))"
+    echo "  $scen $target: $m origin=$((after - before))" >&2
     stop_target
   done
   MOCK_GRAPH_DELAY_MS=0 taskset -c 0 "$MOCK" "127.0.0.1:$MOCK_PORT" > "$work/logs/mock.log" 2>&1 &
@@ -264,30 +290,46 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "  S3b graphcache (mock origin, packing on): $m" >&2
   stop_target
   kill "$mock_pid"; wait "$mock_pid" 2>/dev/null || true
-  # S4: 200 identical cold GETs at once, origin delay 200 ms (the mock).
-  for target in nginx varnish graphcache; do
+  # S4: 200 identical cold GETs at once, origin delay 200 ms (the mock);
+  # "direct" sends 200 distinct GETs straight to the mock: the client's and
+  # the origin's own time, with nothing between.
+  for target in direct nginx varnish graphcache; do
     MOCK_GRAPH_DELAY_MS=200 taskset -c 0 "$MOCK" "127.0.0.1:$MOCK_PORT" > "$work/logs/mock.log" 2>&1 &
     mock_pid=$!; pids+=($mock_pid); wait_port "$MOCK_PORT"
     case $target in
       nginx) start_nginx "http://127.0.0.1:$MOCK_PORT" 3600;;
       varnish) start_varnish "http://127.0.0.1:$MOCK_PORT" 3600;;
       graphcache) start_graphcache "http://127.0.0.1:$MOCK_PORT" 3600;;
+      direct) target_pid="";;
     esac
     sleep 0.5   # the mock prints its count every 100 ms; let the probes' show
     probe=$(awk '/requests received/ {n=$3} END {print n+0}' "$work/logs/mock.log")
     base="http://127.0.0.1:$(port_of $target)"
-    urls=()
-    for _ in $(seq 1 200); do urls+=("$base/v26.0/cold1?access_token=EAArace"); done
+    args=()
+    for i in $(seq 1 200); do
+      if [ "$target" = direct ]; then args+=(-o /dev/null "$base/v26.0/cold$i?access_token=EAArace")
+      else args+=(-o /dev/null "$base/v26.0/cold1?access_token=EAArace"); fi
+    done
     max=$(taskset -c 1 curl -s --no-progress-meter --parallel --parallel-immediate --parallel-max 200 \
-      -o /dev/null -w '%{time_total}\n' "${urls[@]}" 2>/dev/null | sort -n | tail -1)
+      -w '%{time_total}\n' "${args[@]}" 2>/dev/null | sort -n | tail -1)
     sleep 0.3
     calls=$(awk '/requests received/ {n=$3} END {print n+0}' "$work/logs/mock.log" | tr -d ,)
     max_ms=$(awk -v s="$max" 'BEGIN {printf "%.0f", s*1000}')
     record "$round S4 $target $max_ms 0 0 $((calls - probe))"
     echo "  S4 $target: origin calls $((calls - probe)), max ${max_ms} ms" >&2
-    stop_target
+    [ -n "$target_pid" ] && stop_target
     kill "$mock_pid"; wait "$mock_pid" 2>/dev/null || true
   done
+  # M: what a lone miss adds: one connection, every request a new URL, to
+  # the origin directly and through graphcache (defaults, packing on).
+  m=$(latency "$origin" -s "$work/unique.lua")
+  record "$round M direct $m 0"
+  echo "  M direct: p50/p99 ms, req/s $m" >&2
+  start_graphcache "$origin" 3600 true
+  m=$(latency "http://127.0.0.1:$GC_PORT" -s "$work/unique.lua")
+  record "$round M graphcache $m 0"
+  echo "  M graphcache: p50/p99 ms, req/s $m" >&2
+  stop_target
 done
 
 python3 - "$results" "$OUT" "$DUR" "$ROUNDS" <<'EOF'
@@ -303,8 +345,9 @@ def med(scen, target, i):
 out = {"duration_s": int(sys.argv[3]), "rounds": int(sys.argv[4]), "scenarios": {}}
 print(f"\n{'scenario':<34}{'bare':>10}{'nginx':>10}{'varnish':>10}{'graphcache':>12}{'gc/bare':>9}{'gc/nginx':>10}")
 names = {"S1": "S1 hot hit, req/s", "S2": "S2 1,000 URLs, req/s", "S3": "S3 revalidate every hit, req/s",
-         "S3b": "S3 vs mock, packing on, req/s", "S5": "S5 client If-None-Match, req/s"}
-for scen in ["S1", "S2", "S3", "S3b", "S5"]:
+         "S3p": "S3 one upstream req per request", "S3b": "S3 vs mock, packing on, req/s",
+         "S5": "S5 client If-None-Match, req/s"}
+for scen in ["S1", "S2", "S3", "S3p", "S3b", "S5"]:
     vals = {t: med(scen, t, 0) for t in ["bare", "nginx", "varnish", "graphcache"]}
     p99 = {t: med(scen, t, 1) for t in vals}
     cpu = {t: med(scen, t, 2) for t in vals}
@@ -317,14 +360,26 @@ for scen in ["S1", "S2", "S3", "S3b", "S5"]:
     print(f"{names[scen]:<34}{fmt(vals['bare'])}{fmt(vals['nginx'])}{fmt(vals['varnish'])}{gc:>12.0f}{rb}{rn}")
     print(f"{'  p99 ms / origin requests':<34}" + "".join(
         f"{(f'{p99[t]:.2f}/{origin[t]:.0f}' if vals[t] is not None else '-'):>{12 if t=='graphcache' else 10}}" for t in vals))
-print(f"\n{'S4 200 cold GETs, 200 ms origin':<34}{'nginx':>16}{'varnish':>16}{'graphcache':>16}")
+print(f"\n{'S4 200 cold GETs, 200 ms origin':<34}{'direct':>16}{'nginx':>16}{'varnish':>16}{'graphcache':>16}")
 s4 = {}
-for t in ["nginx", "varnish", "graphcache"]:
+for t in ["direct", "nginx", "varnish", "graphcache"]:
     v = data.get(("S4", t))
     if v:
         s4[t] = {"origin_calls": statistics.median(x[3] for x in v), "max_ms": statistics.median(x[0] for x in v)}
 print(f"{'  origin calls / max ms':<34}" + "".join(f"{(str(int(s4[t]['origin_calls'])) + ' / ' + str(int(s4[t]['max_ms']))):>16}" for t in s4))
 out["scenarios"]["S4"] = s4
+m = {}
+for t in ["direct", "graphcache"]:
+    v = data.get(("M", t))
+    if v:
+        m[t] = {"p50_ms": statistics.median(x[0] for x in v), "p99_ms": statistics.median(x[1] for x in v),
+                "rps": statistics.median(x[2] for x in v)}
+if len(m) == 2:
+    added = m["graphcache"]["p50_ms"] - m["direct"]["p50_ms"]
+    print(f"\n{'M lone miss, p50 / p99 ms':<34}{'direct':>16}{'graphcache':>16}{'added p50':>12}")
+    print(f"{'':<34}" + "".join(f"{m[t]['p50_ms']:.3f} / {m[t]['p99_ms']:.3f}".rjust(16) for t in m) + f"{added:>12.3f}")
+    m["added_p50_ms"] = added
+out["scenarios"]["M"] = m
 for scen in ["S1", "S2", "S3", "S5"]:
     for t, v in out["scenarios"].get(scen, {}).items():
         if v["wrk_cpu_pct"] and v["wrk_cpu_pct"] >= 95:
