@@ -48,6 +48,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+/// True for a header `strip_hop_by_hop` removes from `headers`: the fixed
+/// list, `Proxy-Connection`, and what their `Connection` names.
+pub fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
+    HOP_BY_HOP.contains(name)
+        || name == "proxy-connection"
+        || headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|named| name == named.trim())
+}
+
+/// True for a per-call header `strip_per_call` drops.
+pub fn is_per_call(name: &HeaderName) -> bool {
+    PER_CALL.iter().any(|p| name == *p)
+}
+
 /// Drops the per-call headers (usage, debug ids) from a response to be stored.
 pub fn strip_per_call(headers: &mut HeaderMap) {
     for name in PER_CALL {
@@ -249,9 +267,31 @@ mod tests {
             ("te", "trailers"),
             ("x-keep", "yes"),
         ]);
+        // The predicate and the strip agree, header by header.
+        let names: Vec<HeaderName> = h.keys().cloned().collect();
+        let hop: Vec<&str> = names
+            .iter()
+            .filter(|n| is_hop_by_hop(n, &h))
+            .map(HeaderName::as_str)
+            .collect();
+        assert_eq!(
+            hop,
+            [
+                "connection",
+                "x-secret",
+                "keep-alive",
+                "transfer-encoding",
+                "proxy-connection",
+                "te"
+            ]
+        );
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-keep"], "yes");
+        assert!(
+            !is_hop_by_hop(&HeaderName::from_static("x-secret"), &h),
+            "named by no Connection"
+        );
     }
 
     #[test]
@@ -262,6 +302,8 @@ mod tests {
             ("etag", "\"a\""),
             ("content-type", "application/json"),
         ]);
+        let per_call: Vec<bool> = h.keys().map(is_per_call).collect();
+        assert_eq!(per_call, [true, true, false, false]);
         strip_per_call(&mut h);
         assert_eq!(h.len(), 2);
         assert!(h.contains_key("etag"));
