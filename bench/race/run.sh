@@ -88,9 +88,19 @@ origin_count() { wc -l < "$work/logs/origin-access.log"; }
 # Each start_* runs one target on core 0 against $1 (an origin URL) with
 # TTL $2 seconds (0: revalidate every hit), and records its pid.
 target_pid=""
-start_nginx() { # upstream ttl (0: nginx's least, 1 s; -1: no cache, every request proxied)
-  local upstream=$1 ttl=$2 valid
-  valid=$(( ttl == 0 ? 1 : (ttl < 0 ? 0 : ttl) ))
+start_nginx() { # upstream ttl (0: nginx's least, 1 s; -1: no cache, a plain proxy)
+  local upstream=$1 ttl=$2 valid caching
+  valid=$(( ttl == 0 ? 1 : ttl ))
+  caching="proxy_cache graph;
+      proxy_cache_key \$request_uri;
+      proxy_ignore_headers Cache-Control Expires Set-Cookie;
+      proxy_cache_valid 200 ${valid}s;
+      proxy_cache_revalidate on;
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 5s;"
+  # Not caching: no cache directives at all (with a zero TTL, nginx's cache
+  # lock would serialise the identical requests instead).
+  [ "$ttl" -lt 0 ] && caching="proxy_cache off;"
   rm -rf "$work/cache"/*
   cat > "$work/nginx.conf" <<EOF
 worker_processes 1;
@@ -108,13 +118,7 @@ http {
       proxy_pass http://origin;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
-      proxy_cache graph;
-      proxy_cache_key \$request_uri;
-      proxy_ignore_headers Cache-Control Expires Set-Cookie;
-      proxy_cache_valid 200 ${valid}s;
-      proxy_cache_revalidate on;
-      proxy_cache_lock on;
-      proxy_cache_lock_timeout 5s;
+      $caching
     }
   }
 }
@@ -289,7 +293,7 @@ for round in $(seq 1 "$ROUNDS"); do
   record "$round S3b graphcache $m -1"
   echo "  S3b graphcache (mock origin, packing on): $m" >&2
   stop_target
-  kill "$mock_pid"; wait "$mock_pid" 2>/dev/null || true
+  target_pid=$mock_pid; stop_target
   # S4: 200 identical cold GETs at once, origin delay 200 ms (the mock);
   # "direct" sends 200 distinct GETs straight to the mock: the client's and
   # the origin's own time, with nothing between.
@@ -310,15 +314,16 @@ for round in $(seq 1 "$ROUNDS"); do
       if [ "$target" = direct ]; then args+=(-o /dev/null "$base/v26.0/cold$i?access_token=EAArace")
       else args+=(-o /dev/null "$base/v26.0/cold1?access_token=EAArace"); fi
     done
-    max=$(taskset -c 1 curl -s --no-progress-meter --parallel --parallel-immediate --parallel-max 200 \
-      -w '%{time_total}\n' "${args[@]}" 2>/dev/null | sort -n | tail -1)
+    # A failed transfer must not end the run (pipefail): its time still counts.
+    max=$({ taskset -c 1 curl -s --no-progress-meter --parallel --parallel-immediate --parallel-max 200 \
+      -w '%{time_total}\n' "${args[@]}" 2>/dev/null || true; } | sort -n | tail -1)
     sleep 0.3
     calls=$(awk '/requests received/ {n=$3} END {print n+0}' "$work/logs/mock.log" | tr -d ,)
     max_ms=$(awk -v s="$max" 'BEGIN {printf "%.0f", s*1000}')
     record "$round S4 $target $max_ms 0 0 $((calls - probe))"
     echo "  S4 $target: origin calls $((calls - probe)), max ${max_ms} ms" >&2
     [ -n "$target_pid" ] && stop_target
-    kill "$mock_pid"; wait "$mock_pid" 2>/dev/null || true
+    target_pid=$mock_pid; stop_target
   done
   # M: what a lone miss adds: one connection, every request a new URL, to
   # the origin directly and through graphcache (defaults, packing on).
@@ -343,7 +348,7 @@ def med(scen, target, i):
     v = data.get((scen, target))
     return statistics.median(x[i] for x in v) if v else None
 out = {"duration_s": int(sys.argv[3]), "rounds": int(sys.argv[4]), "scenarios": {}}
-print(f"\n{'scenario':<34}{'bare':>10}{'nginx':>10}{'varnish':>10}{'graphcache':>12}{'gc/bare':>9}{'gc/nginx':>10}")
+print(f"\n{'scenario':<34}{'bare':>14}{'nginx':>14}{'varnish':>14}{'graphcache':>14}{'gc/bare':>9}{'gc/nginx':>10}")
 names = {"S1": "S1 hot hit, req/s", "S2": "S2 1,000 URLs, req/s", "S3": "S3 revalidate every hit, req/s",
          "S3p": "S3 one upstream req per request", "S3b": "S3 vs mock, packing on, req/s",
          "S5": "S5 client If-None-Match, req/s"}
@@ -353,13 +358,13 @@ for scen in ["S1", "S2", "S3", "S3p", "S3b", "S5"]:
     cpu = {t: med(scen, t, 2) for t in vals}
     origin = {t: med(scen, t, 3) for t in vals}
     out["scenarios"][scen] = {t: {"rps": vals[t], "p99_ms": p99[t], "wrk_cpu_pct": cpu[t], "origin_requests": origin[t]} for t in vals if vals[t] is not None}
-    fmt = lambda v: f"{v:>10.0f}" if v is not None else f"{'-':>10}"
+    fmt = lambda v: f"{v:>14.0f}" if v is not None else f"{'-':>14}"
     gc = vals["graphcache"]
     rb = f"{gc / vals['bare']:>9.2f}" if vals["bare"] and gc else f"{'-':>9}"
     rn = f"{gc / vals['nginx']:>10.2f}" if vals["nginx"] and gc else f"{'-':>10}"
-    print(f"{names[scen]:<34}{fmt(vals['bare'])}{fmt(vals['nginx'])}{fmt(vals['varnish'])}{gc:>12.0f}{rb}{rn}")
+    print(f"{names[scen]:<34}{fmt(vals['bare'])}{fmt(vals['nginx'])}{fmt(vals['varnish'])}{fmt(gc)}{rb}{rn}")
     print(f"{'  p99 ms / origin requests':<34}" + "".join(
-        f"{(f'{p99[t]:.2f}/{origin[t]:.0f}' if vals[t] is not None else '-'):>{12 if t=='graphcache' else 10}}" for t in vals))
+        f"{(f'{p99[t]:.2f} / {origin[t]:.0f}' if vals[t] is not None else '-'):>14}" for t in vals))
 print(f"\n{'S4 200 cold GETs, 200 ms origin':<34}{'direct':>16}{'nginx':>16}{'varnish':>16}{'graphcache':>16}")
 s4 = {}
 for t in ["direct", "nginx", "varnish", "graphcache"]:
