@@ -261,6 +261,26 @@ async fn a_form_write_too_large_to_read_whole_drops_everything() {
     let other = h.get("/v26.0/781?access_token=EAAtokenA").await;
     assert!(other.is_miss(), "{}", other.cache_status());
     assert_eq!(other.json()["version"], unrelated);
+    // A large multipart upload to a node (an ad image) names only its node:
+    // it drops nothing else.
+    let kept = cached_version(&h, "782").await;
+    let upload = format!(
+        "--b\r\ncontent-disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n{}\r\n--b--\r\n",
+        "i".repeat(1 << 20)
+    );
+    let write = h
+        .send(
+            Method::POST,
+            "/v26.0/act_9/adimages?access_token=EAAtokenA",
+            &[("content-type", "multipart/form-data; boundary=b")],
+            &upload,
+        )
+        .await;
+    assert_eq!(write.status, 200);
+    assert_eq!(h.mock.writes(), 2);
+    let still = h.get("/v26.0/782?access_token=EAAtokenA").await;
+    assert!(still.cache().hit, "{}", still.cache_status());
+    assert_eq!(still.json()["version"], kept);
 }
 
 #[tokio::test]

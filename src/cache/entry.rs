@@ -94,7 +94,7 @@ impl StoredHeaders {
     }
 
     /// Every value of `name`, in order.
-    pub fn get_all<N: Copy>(&self, name: N) -> impl Iterator<Item = &HeaderValue>
+    pub fn get_all<N>(&self, name: N) -> impl Iterator<Item = &HeaderValue>
     where
         HeaderName: PartialEq<N>,
     {

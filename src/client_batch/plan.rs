@@ -320,8 +320,8 @@ fn json_path<'a>(document: &'a Value, path: &str) -> Option<Vec<&'a Value>> {
 /// item's own `If-None-Match` (in the documented `"Name: value"` form), or
 /// removes the item's conditional when graphcache has none: a miss is
 /// fetched whole, stored, and the item's conditional answered locally. An
-/// item's `Range`/`If-Range` go too, as they do for a single read: the
-/// answer is stored and served whole.
+/// item's `Range`, `If-Range` and other conditionals go too, as they do for
+/// a single read: the answer is stored and served whole.
 pub fn set_validator(item: &mut Item, tag: Option<&str>) {
     let had_headers = item.raw.contains_key("headers");
     let mut headers: Vec<Value> = item
@@ -338,9 +338,16 @@ pub fn set_validator(item: &mut Item, tag: Option<&str>) {
                 _ => "",
             };
             let name = name.trim();
-            !["if-none-match", "range", "if-range"]
-                .iter()
-                .any(|n| name.eq_ignore_ascii_case(n))
+            ![
+                "if-none-match",
+                "range",
+                "if-range",
+                "if-match",
+                "if-modified-since",
+                "if-unmodified-since",
+            ]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
         })
         .collect();
     if let Some(tag) = tag {
@@ -509,7 +516,7 @@ mod tests {
     #[test]
     fn validators_replace_or_remove_the_item_conditional() {
         let mut batch = batch_of(
-            r#"[{"method":"GET","relative_url":"1","headers":["If-None-Match: \"theirs\"","X-A: 1","Range: bytes=0-4",{"name":"if-range","value":"\"theirs\""}]},
+            r#"[{"method":"GET","relative_url":"1","headers":["If-None-Match: \"theirs\"","X-A: 1","Range: bytes=0-4",{"name":"if-range","value":"\"theirs\""},"If-Modified-Since: Sat, 01 Jan 2000 00:00:00 GMT","If-Match: *"]},
                 {"method":"GET","relative_url":"2"}]"#,
         );
         set_validator(&mut batch.items[0], None);

@@ -229,9 +229,16 @@ impl Proxy {
                         full_body(bytes)
                     }
                     Collected::Overflow { prefix, rest } => {
-                        // Past 1 MiB graphcache cannot see the ids (or the
-                        // `batch` part) the rest may name: drop everything.
-                        sniffed_batch = true;
+                        // Past 1 MiB graphcache cannot see the ids a form or
+                        // JSON body may name, nor whether a multipart body
+                        // posted to the batch root holds a `batch` part:
+                        // drop everything. A multipart upload to a node
+                        // (ad images, videos) names only its node.
+                        sniffed_batch = parseable_write_body(headers)
+                            || names_batch_part(&prefix)
+                            || crate::graph::routes::strip_version(parts.uri.path())
+                                .trim_matches('/')
+                                .is_empty();
                         limited_body(
                             ResponseBody::Relay {
                                 prefix: Some(prefix),

@@ -199,7 +199,8 @@ pub(crate) fn serve_entry(
         .as_ref()
         .is_some_and(|tag| if_none_match_matches(&parts.headers, tag))
     {
-        let mut response = not_modified(|name| entry.headers.get(name), status.header());
+        let mut response =
+            not_modified(|name| entry.headers.get_all(name.clone()), status.header());
         response.headers_mut().insert(header::AGE, age);
         return Handled::new(response, outcome);
     }
@@ -224,8 +225,8 @@ pub(crate) fn serve_entry(
 }
 
 /// A 304 carrying the validator and caching headers of `headers`.
-pub(crate) fn not_modified<'h>(
-    header: impl Fn(&HeaderName) -> Option<&'h HeaderValue>,
+pub(crate) fn not_modified<'h, I: Iterator<Item = &'h HeaderValue>>(
+    header: impl Fn(&HeaderName) -> I,
     cache_status: HeaderValue,
 ) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::Empty);
@@ -237,8 +238,8 @@ pub(crate) fn not_modified<'h>(
         header::EXPIRES,
         header::VARY,
     ] {
-        if let Some(value) = header(&name) {
-            out.insert(name, value.clone());
+        for value in header(&name) {
+            out.append(name.clone(), value.clone());
         }
     }
     out.insert(CACHE_STATUS, cache_status);
@@ -258,7 +259,7 @@ pub(crate) fn answer_response(
             .get(header::ETAG)
             .is_some_and(|tag| if_none_match_matches(&parts.headers, tag));
     if matches {
-        return not_modified(|name| answer.headers.get(name), status.header());
+        return not_modified(|name| answer.headers.get_all(name).iter(), status.header());
     }
     collected(answer, parts.method == Method::HEAD, status)
 }
@@ -370,6 +371,25 @@ pub(crate) fn weaken(tag: &HeaderValue) -> Option<HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn not_modified_carries_every_value_of_its_headers() {
+        let mut stored = HeaderMap::new();
+        stored.insert(header::ETAG, HeaderValue::from_static("\"a\""));
+        stored.append(header::VARY, HeaderValue::from_static("Origin"));
+        stored.append(header::VARY, HeaderValue::from_static("X-Foo"));
+        stored.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let response = not_modified(
+            |name| stored.get_all(name).iter(),
+            HeaderValue::from_static("graphcache; hit"),
+        );
+        assert_eq!(response.status(), StatusCode::NOT_MODIFIED);
+        let h = response.headers();
+        assert_eq!(h.get_all(header::VARY).iter().count(), 2);
+        assert_eq!(h[header::ETAG], "\"a\"");
+        assert!(!h.contains_key(header::CONTENT_TYPE));
+        assert_eq!(h[CACHE_STATUS], "graphcache; hit");
+    }
 
     #[test]
     fn cache_status_values() {
