@@ -39,16 +39,21 @@ LUA
   kill $pid; wait $pid 2>/dev/null || true
 }
 
-# Each wrk thread counts its own requests and stops after its share.
-plain_lua='
-local n, limit = 0, '"${FILL_REQUESTS:-75000}"'
+# distinct reads of `bytes`-sized answers; each wrk thread counts its own
+# requests and stops after `limit`.
+fill_lua() { # limit bytes
+  cat <<LUA
+local n, limit = 0, $1
 function setup(thread) thread:set("id", math.random(1, 1000000000)) end
 function init() n = 0 end
 function request()
   n = n + 1
   if n > limit then wrk.thread:stop() end
-  return wrk.format("GET", "/v26.0/big?bytes=1950&access_token=EAAmem&n=" .. id .. "-" .. n)
-end'
+  return wrk.format("GET", "/v26.0/big?bytes=$2&access_token=EAAmem&n=" .. id .. "-" .. n)
+end
+LUA
+}
+plain_lua=$(fill_lua "${FILL_REQUESTS:-75000}" 1950)
 [ "${ONLY_GOAL:-}" = 1 ] || run plain $((256 << 20)) 0 "$plain_lua"
 
 junk=$(seq -s, 100000 100299)
@@ -63,15 +68,7 @@ end'
 [ "${ONLY_GOAL:-}" = 1 ] || run junk $((16 << 20)) 0 "$junk_lua"
 
 # (3) 100,000 entries of 2 KB: RSS against their payload (the bodies).
-goal_lua='
-local n, limit = 0, 50000
-function setup(thread) thread:set("id", math.random(1, 1000000000)) end
-function init() n = 0 end
-function request()
-  n = n + 1
-  if n > limit then wrk.thread:stop() end
-  return wrk.format("GET", "/v26.0/big?bytes=2048&access_token=EAAmem&n=" .. id .. "-" .. n)
-end'
+goal_lua=$(fill_lua 50000 2048)
 port=18410
 GRAPHCACHE_ACCESS_LOG=false "$BIN" --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$((port+1)) \
   --upstream http://127.0.0.1:18389 --fresh-ttl 3600 --cache-max-bytes $((1 << 30)) >"$work/goal.log" 2>&1 &

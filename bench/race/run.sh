@@ -57,13 +57,19 @@ wait_port() { # port
   echo "nothing answers on port $1" >&2; return 1
 }
 
-# --- the origin (stays up for the whole run) --------------------------------
-cat > "$work/origin.conf" <<EOF
+# The head every nginx config here shares: one worker, in the foreground.
+nginx_head() { # name
+  cat <<EOF
 worker_processes 1;
 daemon off;
-pid $work/origin.pid;
-error_log $work/logs/origin-error.log warn;
+pid $work/$1.pid;
+error_log $work/logs/$1-error.log warn;
 events { worker_connections 4096; }
+EOF
+}
+
+# --- the origin (stays up for the whole run) --------------------------------
+{ nginx_head origin; cat <<EOF; } > "$work/origin.conf"
 http {
   access_log $work/logs/origin-access.log;
   server {
@@ -102,12 +108,7 @@ start_nginx() { # upstream ttl (0: nginx's least, 1 s; -1: no cache, a plain pro
   # lock would serialise the identical requests instead).
   [ "$ttl" -lt 0 ] && caching="proxy_cache off;"
   rm -rf "$work/cache"/*
-  cat > "$work/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $work/nginx.pid;
-error_log $work/logs/nginx-error.log warn;
-events { worker_connections 4096; }
+  { nginx_head nginx; cat <<EOF; } > "$work/nginx.conf"
 http {
   access_log off;
   proxy_cache_path $work/cache keys_zone=graph:50m max_size=1g inactive=1h use_temp_path=off;

@@ -74,6 +74,7 @@ pub struct StoredHeaders(Box<[(HeaderName, HeaderValue)]>);
 impl StoredHeaders {
     /// A copy of `headers` that owns its bytes (hyper's values are slices of
     /// the connection's read buffer, which an entry would keep alive whole).
+    #[cfg(test)]
     pub fn copied(headers: &HeaderMap) -> Self {
         Self::copied_from(headers.iter())
     }
@@ -83,6 +84,11 @@ impl StoredHeaders {
         headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
     ) -> Self {
         Self(headers.map(|(n, v)| (n.clone(), owned_value(v))).collect())
+    }
+
+    /// Headers whose values already own their bytes (decoded from Redis).
+    pub(super) fn owned(list: Vec<(HeaderName, HeaderValue)>) -> Self {
+        Self(list.into_boxed_slice())
     }
 
     /// The first value of `name`.
@@ -149,13 +155,12 @@ pub enum Freshness {
 
 impl CachedResponse {
     pub fn new(
-        headers: HeaderMap,
+        headers: StoredHeaders,
         body: Bytes,
         etag: Option<HeaderValue>,
         policy: CachePolicy,
         objects: Arc<[ObjectId]>,
     ) -> Self {
-        let headers = StoredHeaders::copied(&headers);
         // The stored copy's value where it is the same, so the ETag does not
         // pin a connection buffer either.
         let etag = etag.map(|tag| match headers.get(header::ETAG) {
@@ -391,7 +396,7 @@ mod tests {
         let mut updated = HeaderMap::new();
         updated.insert(header::ETAG, etag);
         let entry = super::CachedResponse::new(
-            HeaderMap::new(),
+            StoredHeaders::default(),
             Bytes::from_static(b"{}"),
             None,
             crate::graph::routes::CachePolicy {
@@ -462,12 +467,12 @@ mod tests {
     #[test]
     fn a_304_replaces_end_to_end_headers_but_not_usage_or_length() {
         let mut entry = CachedResponse::new(
-            map(&[
+            StoredHeaders::copied(&map(&[
                 ("date", "old"),
                 ("etag", "\"a\""),
                 ("x-kept", "1"),
                 ("vary", "Origin"),
-            ]),
+            ])),
             Bytes::from_static(b"{}"),
             Some(HeaderValue::from_static("\"a\"")),
             policy(0, 60),

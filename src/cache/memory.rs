@@ -301,14 +301,13 @@ mod tests {
     use crate::graph::query::QueryParams;
     use crate::graph::routes::{objects_of, CachePolicy};
     use bytes::Bytes;
-    use http::HeaderMap;
 
     fn policy(fresh: u64, stale: u64) -> CachePolicy {
         CachePolicy::ttls(fresh, stale)
     }
     fn entry(path: &str) -> CachedResponse {
         CachedResponse::new(
-            HeaderMap::new(),
+            crate::cache::entry::StoredHeaders::default(),
             Bytes::from_static(b"{}"),
             None,
             policy(60, 60),

@@ -381,11 +381,11 @@ mod tests {
     use super::*;
     use crate::graph::routes::{objects_of, CachePolicy};
     use bytes::Bytes;
-    use http::{HeaderMap, HeaderName, HeaderValue};
+    use http::{HeaderName, HeaderValue};
 
     fn entry(body: &'static [u8], path: &str) -> CachedResponse {
         CachedResponse::new(
-            HeaderMap::new(),
+            crate::cache::entry::StoredHeaders::default(),
             Bytes::from_static(body),
             None,
             CachePolicy::ttls(60, 600),

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use memchr::memmem;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
-use crate::cache::entry::CachedResponse;
+use crate::cache::entry::{CachedResponse, StoredHeaders};
 use crate::fleet::Stamp;
 use crate::graph::routes::{CachePolicy, ObjectId};
 
@@ -232,13 +232,17 @@ pub(super) fn decode(
     if wire.version != VERSION {
         return None;
     }
-    let mut headers = HeaderMap::with_capacity(wire.headers.len());
-    for header in &wire.headers {
-        headers.append(
-            HeaderName::from_bytes(header.name.as_bytes()).ok()?,
-            HeaderValue::from_bytes(header.value).ok()?,
-        );
-    }
+    let headers = wire
+        .headers
+        .iter()
+        .map(|h| {
+            Some((
+                HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+                HeaderValue::from_bytes(h.value).ok()?,
+            ))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let headers = StoredHeaders::owned(headers);
     let objects = wire
         .objects
         .iter()
@@ -294,6 +298,7 @@ pub(super) fn decode(
 mod tests {
     use super::*;
     use crate::graph::routes::objects_of;
+    use http::HeaderMap;
 
     #[test]
     fn an_entry_comes_back_as_it_went_with_its_age() {
@@ -302,7 +307,7 @@ mod tests {
         headers.append("x-multi", HeaderValue::from_static("1"));
         headers.append("x-multi", HeaderValue::from_static("2"));
         let mut entry = CachedResponse::new(
-            headers,
+            StoredHeaders::copied(&headers),
             Bytes::from_static(b"{\"id\":\"1\"}"),
             Some(HeaderValue::from_static("\"a\"")),
             CachePolicy::ttls(60, 600),
@@ -335,7 +340,7 @@ mod tests {
         assert!(decode(b"", Instant::now(), 0, none).is_none());
         assert!(decode(&[9, 9, 9], Instant::now(), 0, none).is_none());
         let entry = CachedResponse::new(
-            HeaderMap::new(),
+            StoredHeaders::default(),
             Bytes::new(),
             None,
             CachePolicy::ttls(1, 1),

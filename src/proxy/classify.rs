@@ -236,9 +236,7 @@ impl Proxy {
                         // (ad images, videos) names only its node.
                         sniffed_batch = parseable_write_body(headers)
                             || names_batch_part(&prefix)
-                            || crate::graph::routes::strip_version(parts.uri.path())
-                                .trim_matches('/')
-                                .is_empty();
+                            || crate::graph::routes::path_node(parts.uri.path()).is_none();
                         limited_body(
                             ResponseBody::Relay {
                                 prefix: Some(prefix),

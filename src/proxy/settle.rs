@@ -8,13 +8,15 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::StatusCode;
 
-use crate::cache::entry::{vary_of_values, vary_values, Vary, VaryValues, MAX_ENTRY_OBJECTS};
+use crate::cache::entry::{
+    vary_of_values, vary_values, StoredHeaders, Vary, VaryValues, MAX_ENTRY_OBJECTS,
+};
 use crate::cache::{CacheKey, CachedResponse, Freshness, OwnedSecrets, ReadTicket, Store};
 use crate::graph::jobs::{job_read, job_state, JobRead};
 use crate::graph::members::members_of;
 use crate::graph::query::QueryParams;
 use crate::graph::routes::{CachePolicy, ObjectId};
-use crate::headers::{is_encoded, strip_per_call};
+use crate::headers::{is_encoded, is_per_call};
 use crate::proxy::respond::Detail;
 use crate::proxy::Proxy;
 use crate::upstream::Answer;
@@ -209,10 +211,12 @@ impl Proxy {
         if !storable_body(&answer.body) {
             return Err(None);
         }
-        // Copied into the entry's own buffer by `CachedResponse::new`.
-        let mut headers = answer.headers.clone();
-        strip_per_call(&mut headers);
-        headers.remove(header::CONTENT_LENGTH);
+        let headers = StoredHeaders::copied_from(
+            answer
+                .headers
+                .iter()
+                .filter(|(name, _)| !is_per_call(name) && *name != header::CONTENT_LENGTH),
+        );
         let etag = headers.get(header::ETAG).cloned();
         let (objects, unindexed) = indexed_objects(&cacheable.objects, &answer.body);
         // An exact-size copy: the answer's bytes may be a slice of a much
