@@ -31,34 +31,34 @@ const PER_CALL: [&str; 9] = [
 ];
 
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop list.
+/// One pass over the names present, removing only those found: it runs on
+/// every upstream exchange, and a `remove` per listed name hashes each one.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    let doomed: Vec<HeaderName> = {
+        let hop = hop_by_hop_in(headers);
+        headers.keys().filter(|name| hop(name)).cloned().collect()
+    };
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
+/// The test for a header `strip_hop_by_hop` removes from `headers`: the
+/// fixed list, `Proxy-Connection`, and what their `Connection` names. It
+/// reads their `Connection` once, for many names (and allocates only when
+/// there is one).
+pub fn hop_by_hop_in(headers: &HeaderMap) -> impl Fn(&HeaderName) -> bool + '_ {
+    let named: Vec<&str> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
         .collect();
-    for name in named {
-        headers.remove(name);
+    // `HeaderName == str` ignores case, as `Connection`'s tokens do.
+    move |name| {
+        HOP_BY_HOP.contains(name) || name == "proxy-connection" || named.iter().any(|n| name == *n)
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove("proxy-connection");
-}
-
-/// True for a header `strip_hop_by_hop` removes from `headers`: the fixed
-/// list, `Proxy-Connection`, and what their `Connection` names.
-pub fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
-    HOP_BY_HOP.contains(name)
-        || name == "proxy-connection"
-        || headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|named| name == named.trim())
 }
 
 /// True for a per-call header (usage, debug ids), which stored entries drop.
@@ -264,7 +264,7 @@ mod tests {
         let names: Vec<HeaderName> = h.keys().cloned().collect();
         let hop: Vec<&str> = names
             .iter()
-            .filter(|n| is_hop_by_hop(n, &h))
+            .filter(|n| hop_by_hop_in(&h)(n))
             .map(HeaderName::as_str)
             .collect();
         assert_eq!(
@@ -282,7 +282,7 @@ mod tests {
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-keep"], "yes");
         assert!(
-            !is_hop_by_hop(&HeaderName::from_static("x-secret"), &h),
+            !hop_by_hop_in(&h)(&HeaderName::from_static("x-secret")),
             "named by no Connection"
         );
     }

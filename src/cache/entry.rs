@@ -9,7 +9,7 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 
 use crate::graph::routes::{CachePolicy, ObjectId};
-use crate::headers::{is_hop_by_hop, is_per_call};
+use crate::headers::{hop_by_hop_in, is_per_call};
 
 /// Most objects one entry may depend on. A read naming more (an `ids=`
 /// list, or junk `*_ids` parameters Graph ignores) is relayed, not stored:
@@ -204,8 +204,9 @@ impl CachedResponse {
     /// except per-call usage headers (never stored) and hop-by-hop and
     /// length headers. A 304 without an ETag keeps the stored one.
     pub fn revalidated(&self, updated: &HeaderMap) -> Self {
+        let hop_by_hop = hop_by_hop_in(updated);
         let replaces = |name: &HeaderName| {
-            !is_hop_by_hop(name, updated)
+            !hop_by_hop(name)
                 && !is_per_call(name)
                 // Never stored from a 200 either.
                 && name != header::SET_COOKIE
@@ -215,7 +216,9 @@ impl CachedResponse {
         };
         // One pass each (this runs on every revalidation): the stored
         // headers the 304 does not replace, then the 304's, copied so that
-        // the entry does not keep the upstream connection's read buffer.
+        // the entry does not keep the upstream connection's read buffer (a
+        // value the entry already holds is shared instead: most of a 304's
+        // headers repeat the 200's).
         let mut list = Vec::with_capacity(self.headers.len() + 2);
         for (name, value) in self.headers.iter() {
             if !(updated.contains_key(name) && replaces(name)) {
@@ -224,7 +227,15 @@ impl CachedResponse {
         }
         for (name, value) in updated {
             if replaces(name) {
-                list.push((name.clone(), owned_value(value)));
+                let held = self
+                    .headers
+                    .iter()
+                    .find(|(n, v)| *n == name && v.as_bytes() == value.as_bytes());
+                let value = match held {
+                    Some((_, held)) => held.clone(),
+                    None => owned_value(value),
+                };
+                list.push((name.clone(), value));
             }
         }
         let headers = StoredHeaders(list.into_boxed_slice());
