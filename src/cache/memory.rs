@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::Expiry;
@@ -62,13 +63,36 @@ struct Index {
     recent_writes: VecDeque<(Instant, u64, ObjectId)>,
 }
 
+/// What moka holds under a key: the entry, which a 304 replaces in place
+/// (no re-insert: moka's insert is most of a revalidation's cache work),
+/// and the weight it was admitted with.
+struct Slot {
+    entry: ArcSwap<CachedResponse>,
+    weight: u32,
+}
+
+impl Slot {
+    fn new(entry: Arc<CachedResponse>) -> Arc<Self> {
+        let weight = entry.weight();
+        Arc::new(Self {
+            entry: ArcSwap::new(entry),
+            weight,
+        })
+    }
+}
+
+/// How much more an entry refreshed in place may weigh than it was admitted
+/// with (a 304's trace ids and dates differ a little in length); a heavier
+/// one is re-inserted, so the bound holds within this per entry.
+const REFRESH_SLACK: u32 = 64;
+
 /// Called for every eviction with its cause, for metrics.
 pub type EvictionObserver = Arc<dyn Fn(RemovalCause) + Send + Sync>;
 
 /// The cache and its object index. Cloning is cheap and shares both.
 #[derive(Clone)]
 pub struct MemoryStore {
-    cache: Cache<CacheKey, Arc<CachedResponse>, KeyHashing>,
+    cache: Cache<CacheKey, Arc<Slot>, KeyHashing>,
     index: Arc<Mutex<Index>>,
     write_seq: Arc<AtomicU64>,
     next_entry_id: Arc<AtomicU64>,
@@ -78,24 +102,39 @@ pub struct MemoryStore {
 
 struct Retention;
 
-impl Expiry<CacheKey, Arc<CachedResponse>> for Retention {
-    fn expire_after_create(
-        &self,
-        _: &CacheKey,
-        value: &Arc<CachedResponse>,
-        _: Instant,
-    ) -> Option<Duration> {
-        Some(value.policy.retention())
+impl Expiry<CacheKey, Arc<Slot>> for Retention {
+    fn expire_after_create(&self, _: &CacheKey, slot: &Arc<Slot>, _: Instant) -> Option<Duration> {
+        Some(slot.entry.load().policy.retention())
     }
 
     fn expire_after_update(
         &self,
         _: &CacheKey,
-        value: &Arc<CachedResponse>,
+        slot: &Arc<Slot>,
         _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(value.policy.retention())
+        Some(slot.entry.load().policy.retention())
+    }
+
+    /// An entry refreshed in place is kept its retention from the refresh,
+    /// as a re-inserted one would be (see [`MemoryStore::refresh`]). Left
+    /// alone otherwise, so a plain hit never reschedules moka's timer.
+    fn expire_after_read(
+        &self,
+        _: &CacheKey,
+        slot: &Arc<Slot>,
+        read_at: Instant,
+        until_expiry: Option<Duration>,
+        _: Instant,
+    ) -> Option<Duration> {
+        let entry = slot.entry.load();
+        let wanted =
+            (entry.stored_at + entry.policy.retention()).saturating_duration_since(read_at);
+        match until_expiry {
+            Some(left) if wanted > left + Duration::from_secs(1) => Some(wanted),
+            other => other,
+        }
     }
 }
 
@@ -107,16 +146,14 @@ impl MemoryStore {
         let listener_index = index.clone();
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_: &CacheKey, v: &Arc<CachedResponse>| v.weight())
+            .weigher(|_: &CacheKey, slot: &Arc<Slot>| slot.weight)
             .expire_after(Retention)
-            .eviction_listener(
-                move |key: Arc<CacheKey>, value: Arc<CachedResponse>, cause| {
-                    if cause != RemovalCause::Replaced {
-                        on_evict(cause);
-                    }
-                    unindex(&mut lock(&listener_index), &key, &value);
-                },
-            )
+            .eviction_listener(move |key: Arc<CacheKey>, slot: Arc<Slot>, cause| {
+                if cause != RemovalCause::Replaced {
+                    on_evict(cause);
+                }
+                unindex(&mut lock(&listener_index), &key, &slot.entry.load());
+            })
             .build_with_hasher(KeyHashing::default());
         Self {
             cache,
@@ -141,37 +178,25 @@ impl MemoryStore {
     pub async fn sync(&self) {
         self.cache.run_pending_tasks().await;
     }
-}
 
-impl Store for MemoryStore {
-    /// The entry under `key`, if any. Shares the entry; copies nothing.
-    async fn get(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
-        self.cache.get(key).await
-    }
-
-    /// Take before going upstream for a read that may be stored.
-    async fn read_ticket(&self) -> ReadTicket {
-        ReadTicket {
-            sequence: self.write_seq.load(Ordering::Acquire),
-            taken: Instant::now(),
-            fleet: None,
-        }
-    }
-
-    /// Stores `entry` unless a write to one of its objects landed after
-    /// `ticket` was taken. Returns whether it was stored.
-    async fn put(&self, key: CacheKey, mut entry: CachedResponse, ticket: ReadTicket) -> bool {
+    /// [`Store::put`], returning the entry shared as stored.
+    async fn insert(
+        &self,
+        key: CacheKey,
+        mut entry: CachedResponse,
+        ticket: ReadTicket,
+    ) -> (Arc<CachedResponse>, bool) {
         // Write marks are forgotten after `write_memory`: a read older than
         // that can no longer prove no write overtook it.
         if ticket.taken.elapsed() >= self.write_memory {
-            return false;
+            return (Arc::new(entry), false);
         }
         if written_since(&lock(&self.index), &entry.objects, ticket) {
-            return false;
+            return (Arc::new(entry), false);
         }
         entry.entry_id = self.next_entry_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(entry);
-        self.cache.insert(key, entry.clone()).await;
+        self.cache.insert(key, Slot::new(entry.clone())).await;
         // Index after inserting, then look again: a write that landed while we
         // inserted could not have seen this key in the index.
         let raced = {
@@ -188,9 +213,77 @@ impl Store for MemoryStore {
         };
         if raced {
             self.cache.invalidate(&key).await;
-            return false;
+            return (entry, false);
         }
-        true
+        (entry, true)
+    }
+
+    /// Stores `refreshed`, the revalidation of `current` by a 304, unless a
+    /// write to its objects landed after `ticket`; returns it shared, and
+    /// whether it was stored. While the key still holds `current`'s slot
+    /// (with `current`, or a sibling's refresh of it) and `refreshed` weighs
+    /// about the same, it replaces what the slot holds in place: same slot,
+    /// same index records, no moka insert. The write check
+    /// and the swap happen under the index lock, so a write either comes
+    /// before (nothing stored) or finds the key indexed and drops the slot
+    /// with its new content.
+    pub async fn refresh(
+        &self,
+        key: CacheKey,
+        current: &Arc<CachedResponse>,
+        mut refreshed: CachedResponse,
+        ticket: ReadTicket,
+    ) -> (Arc<CachedResponse>, bool) {
+        // The slot `current` came from, perhaps refreshed in place since by
+        // a sibling revalidation (entry ids are unique per insert).
+        let slot = self.cache.get(&key).await.filter(|slot| {
+            current.entry_id != 0
+                && slot.entry.load().entry_id == current.entry_id
+                && refreshed.weight() <= slot.weight.saturating_add(REFRESH_SLACK)
+        });
+        let Some(slot) = slot else {
+            return self.insert(key, refreshed, ticket).await;
+        };
+        refreshed.entry_id = current.entry_id;
+        let refreshed = Arc::new(refreshed);
+        if ticket.taken.elapsed() >= self.write_memory {
+            return (refreshed, false);
+        }
+        {
+            let index = lock(&self.index);
+            if written_since(&index, &refreshed.objects, ticket) {
+                return (refreshed, false);
+            }
+            // A sibling's later refresh stays.
+            if slot.entry.load().stored_at <= refreshed.stored_at {
+                slot.entry.store(refreshed.clone());
+            }
+        }
+        // A read lets moka's expiry see the new validation time.
+        drop(self.cache.get(&key).await);
+        (refreshed, true)
+    }
+}
+
+impl Store for MemoryStore {
+    /// The entry under `key`, if any. Shares the entry; copies nothing.
+    async fn get(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
+        Some(self.cache.get(key).await?.entry.load_full())
+    }
+
+    /// Take before going upstream for a read that may be stored.
+    async fn read_ticket(&self) -> ReadTicket {
+        ReadTicket {
+            sequence: self.write_seq.load(Ordering::Acquire),
+            taken: Instant::now(),
+            fleet: None,
+        }
+    }
+
+    /// Stores `entry` unless a write to one of its objects landed after
+    /// `ticket` was taken. Returns whether it was stored.
+    async fn put(&self, key: CacheKey, entry: CachedResponse, ticket: ReadTicket) -> bool {
+        self.insert(key, entry, ticket).await.1
     }
 
     /// Drops the entry under `key` (e.g. the object is gone upstream).
@@ -306,8 +399,10 @@ mod tests {
         CachePolicy::ttls(fresh, stale)
     }
     fn entry(path: &str) -> CachedResponse {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::ETAG, "\"a\"".parse().unwrap());
         CachedResponse::new(
-            crate::cache::entry::StoredHeaders::default(),
+            crate::cache::entry::StoredHeaders::copied(&headers),
             Bytes::from_static(b"{}"),
             None,
             policy(60, 60),
@@ -403,5 +498,112 @@ mod tests {
             s.put(key("/v1/2", "t"), entry("/v1/2"), s.read_ticket().await)
                 .await
         );
+    }
+
+    /// The 304's view of an entry: a new ETag header, revalidated now.
+    fn refreshed(current: &CachedResponse) -> CachedResponse {
+        let mut updated = http::HeaderMap::new();
+        updated.insert(http::header::ETAG, "\"b\"".parse().unwrap());
+        current.revalidated(&updated)
+    }
+
+    #[tokio::test]
+    async fn a_304_refreshes_the_entry_in_place_and_keeps_it_indexed() {
+        let s = store();
+        let k = key("/v1/10", "t");
+        assert!(s.put(k, entry("/v1/10"), s.read_ticket().await).await);
+        let current = s.get(&k).await.unwrap();
+        let ticket = s.read_ticket().await;
+        let (shared, stored) = s.refresh(k, &current, refreshed(&current), ticket).await;
+        assert!(stored);
+        let now = s.get(&k).await.unwrap();
+        assert!(Arc::ptr_eq(&now, &shared), "the key serves the refresh");
+        assert_eq!(now.etag.as_ref().unwrap(), "\"b\"");
+        assert_eq!(now.entry_id, current.entry_id, "the same slot");
+        // A sibling that revalidated the same entry at once refreshes the
+        // slot too, in place.
+        let (sibling, stored) = s
+            .refresh(k, &current, refreshed(&current), s.read_ticket().await)
+            .await;
+        assert!(stored);
+        assert!(Arc::ptr_eq(&s.get(&k).await.unwrap(), &sibling));
+        assert_eq!(sibling.entry_id, current.entry_id);
+        s.sync().await;
+        assert_eq!(s.entry_count(), 1);
+        // Still indexed: a write to its object finds and drops it.
+        assert_eq!(s.invalidate_objects(&objects_of("/v1/10", [])).await, 1);
+        assert!(s.get(&k).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_write_after_the_ticket_keeps_a_refresh_out() {
+        let s = store();
+        let k = key("/v1/11", "t");
+        s.put(k, entry("/v1/11"), s.read_ticket().await).await;
+        let current = s.get(&k).await.unwrap();
+        let ticket = s.read_ticket().await;
+        // A write to another object leaves it alone...
+        s.invalidate_objects(&objects_of("/v1/12", [])).await;
+        let (_, stored) = s.refresh(k, &current, refreshed(&current), ticket).await;
+        assert!(stored);
+        // ...one to its own keeps a refresh that started before it out,
+        // even while the slot is still there to be refreshed.
+        let current = s.get(&k).await.unwrap();
+        let ticket = s.read_ticket().await;
+        lock(&s.index)
+            .objects
+            .get_mut(&objects_of("/v1/11", [])[0])
+            .unwrap()
+            .last_write = s.write_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        let (shared, stored) = s.refresh(k, &current, refreshed(&current), ticket).await;
+        assert!(!stored);
+        assert!(!Arc::ptr_eq(&s.get(&k).await.unwrap(), &shared));
+        // And once the write has dropped it, nothing comes back.
+        s.invalidate_objects(&objects_of("/v1/11", [])).await;
+        let (_, stored) = s.refresh(k, &current, refreshed(&current), ticket).await;
+        assert!(!stored);
+        assert!(s.get(&k).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_refresh_of_a_replaced_or_grown_entry_is_stored_anew() {
+        let s = store();
+        let k = key("/v1/13", "t");
+        s.put(k, entry("/v1/13"), s.read_ticket().await).await;
+        let old = s.get(&k).await.unwrap();
+        s.put(k, entry("/v1/13"), s.read_ticket().await).await;
+        let (shared, stored) = s
+            .refresh(k, &old, refreshed(&old), s.read_ticket().await)
+            .await;
+        assert!(stored);
+        let now = s.get(&k).await.unwrap();
+        assert!(Arc::ptr_eq(&now, &shared));
+        assert_ne!(now.entry_id, old.entry_id, "inserted, not swapped");
+        // A 304 that makes the entry much heavier is weighed again.
+        let mut updated = http::HeaderMap::new();
+        updated.insert("x-big", "y".repeat(500).parse().unwrap());
+        let grown = now.revalidated(&updated);
+        let (shared, stored) = s.refresh(k, &now, grown, s.read_ticket().await).await;
+        assert!(stored);
+        assert_ne!(s.get(&k).await.unwrap().entry_id, now.entry_id);
+        assert!(Arc::ptr_eq(&s.get(&k).await.unwrap(), &shared));
+    }
+
+    #[test]
+    fn a_read_extends_the_expiry_only_of_an_entry_refreshed_since() {
+        let now = Instant::now();
+        let mut e = entry("/v1/14"); // retention 60 s
+        e.stored_at = now;
+        let slot = Slot::new(Arc::new(e));
+        let k = key("/v1/14", "t");
+        let read = |left| Retention.expire_after_read(&k, &slot, now, Some(left), now);
+        // Expiring as the refresh says (within a second): left alone.
+        assert_eq!(
+            read(Duration::from_millis(59_500)),
+            Some(Duration::from_millis(59_500))
+        );
+        // Expiring by an older validation: kept 60 s from the refresh.
+        assert_eq!(read(Duration::from_secs(5)), Some(Duration::from_secs(60)));
+        assert_eq!(Retention.expire_after_read(&k, &slot, now, None, now), None);
     }
 }

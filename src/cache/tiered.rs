@@ -273,6 +273,26 @@ impl TieredStore {
         }
         true
     }
+
+    /// Stores `refreshed`, the revalidation of `current` by a 304, like
+    /// [`Self::put_for`]; returns it shared, and whether it was stored.
+    /// Alone, memory refreshes the entry in place; in a fleet the entry
+    /// takes the new fleet stamp and goes to Redis too, so it is stored anew.
+    pub async fn refresh_for(
+        &self,
+        key: CacheKey,
+        current: &Arc<CachedResponse>,
+        refreshed: CachedResponse,
+        ticket: ReadTicket,
+        secrets: Secrets<'_>,
+    ) -> (Arc<CachedResponse>, bool) {
+        if self.fleet.is_none() {
+            return self.memory.refresh(key, current, refreshed, ticket).await;
+        }
+        let shared = Arc::new(refreshed.clone());
+        let stored = self.put_for(key, refreshed, ticket, secrets).await;
+        (shared, stored)
+    }
 }
 
 fn names(objects: &[ObjectId]) -> Vec<&str> {

@@ -144,10 +144,11 @@ impl Proxy {
                         }
                     }
                 }
-                let shared = Arc::new(refreshed.clone());
-                self.store
-                    .put_for(
+                let (shared, _) = self
+                    .store
+                    .refresh_for(
                         cacheable.key,
+                        entry,
                         refreshed,
                         cacheable.ticket,
                         cacheable.secrets.borrow(),
