@@ -15,7 +15,9 @@ use crate::headers::{
 use crate::metrics::Outcome;
 use crate::upstream::Answer;
 
-pub(crate) const CACHE_STATUS: &str = "cache-status";
+/// RFC 9211's `Cache-Status`, as a name (a `&str` key is parsed and
+/// validated on every insert).
+pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 impl HitReason {
     /// The metrics outcome of an entry served for this reason.
@@ -211,8 +213,11 @@ pub(crate) fn serve_entry(
         ResponseBody::full(entry.body.clone())
     });
     let headers = response.headers_mut();
+    // One reservation (`extend` would make a second).
     headers.reserve(entry.headers.len() + 3);
-    headers.extend(entry.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
+    for (name, value) in entry.headers.iter() {
+        headers.append(name.clone(), value.clone());
+    }
     headers.insert(header::AGE, age);
     headers.insert(CACHE_STATUS, status.header());
     if head {

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use http::header::HeaderName;
 use http::{HeaderMap, StatusCode};
 
 use crate::graph::routes::ObjectId;
@@ -64,9 +65,18 @@ pub struct UsageObservations {
 /// Reads the usage headers of one answer (a response, a 304, a batch, or a
 /// batch item) about `subject`.
 pub fn usage_of(headers: &HeaderMap, subject: &Subject) -> UsageObservations {
+    // The names built once: a `&str` key is parsed on every lookup, and
+    // this runs on every upstream answer.
+    const NAMES: [HeaderName; 5] = [
+        HeaderName::from_static(usage::HEADERS[0]),
+        HeaderName::from_static(usage::HEADERS[1]),
+        HeaderName::from_static(usage::HEADERS[2]),
+        HeaderName::from_static(usage::HEADERS[3]),
+        HeaderName::from_static(usage::HEADERS[4]),
+    ];
     let mut out = UsageObservations::default();
-    for header in usage::HEADERS {
-        let Some(value) = headers.get(header) else {
+    for (header, name) in usage::HEADERS.into_iter().zip(&NAMES) {
+        let Some(value) = headers.get(name) else {
             continue;
         };
         out.seen.push(header);
