@@ -131,8 +131,10 @@ impl Expiry<CacheKey, Arc<Slot>> for Retention {
         let entry = slot.entry.load();
         let wanted =
             (entry.stored_at + entry.policy.retention()).saturating_duration_since(read_at);
+        // A plain hit wants a little less than moka holds (moka stamped the
+        // insert just after `stored_at`): only a refresh moves it past this.
         match until_expiry {
-            Some(left) if wanted > left + Duration::from_secs(1) => Some(wanted),
+            Some(left) if wanted > left + Duration::from_millis(10) => Some(wanted),
             other => other,
         }
     }
@@ -235,10 +237,13 @@ impl MemoryStore {
         ticket: ReadTicket,
     ) -> (Arc<CachedResponse>, bool) {
         // The slot `current` came from, perhaps refreshed in place since by
-        // a sibling revalidation (entry ids are unique per insert).
+        // a sibling revalidation (entry ids are unique per insert). A policy
+        // a reload changed is inserted anew, so moka applies its retention.
         let slot = self.cache.get(&key).await.filter(|slot| {
+            let held = slot.entry.load();
             current.entry_id != 0
-                && slot.entry.load().entry_id == current.entry_id
+                && held.entry_id == current.entry_id
+                && held.policy == refreshed.policy
                 && refreshed.weight() <= slot.weight.saturating_add(REFRESH_SLACK)
         });
         let Some(slot) = slot else {
@@ -249,19 +254,23 @@ impl MemoryStore {
         if ticket.taken.elapsed() >= self.write_memory {
             return (refreshed, false);
         }
-        {
+        let replaced = {
             let index = lock(&self.index);
             if written_since(&index, &refreshed.objects, ticket) {
                 return (refreshed, false);
             }
             // A sibling's later refresh stays.
-            if slot.entry.load().stored_at <= refreshed.stored_at {
-                slot.entry.store(refreshed.clone());
-            }
-        }
-        // A read lets moka's expiry see the new validation time.
-        drop(self.cache.get(&key).await);
-        (refreshed, true)
+            (slot.entry.load().stored_at <= refreshed.stored_at)
+                .then(|| slot.entry.swap(refreshed.clone()))
+        };
+        // Freed outside the lock.
+        drop(replaced);
+        // A read lets moka's expiry see the new validation time; the slot
+        // may have gone meanwhile (evicted, expired, replaced, dropped by a
+        // write), taking the refresh with it.
+        let still = self.cache.get(&key).await;
+        let stored = still.is_some_and(|now| Arc::ptr_eq(&now, &slot));
+        (refreshed, stored)
     }
 }
 
@@ -589,6 +598,55 @@ mod tests {
         assert!(Arc::ptr_eq(&s.get(&k).await.unwrap(), &shared));
     }
 
+    #[tokio::test]
+    async fn a_refreshed_entry_is_kept_its_retention_from_the_refresh() {
+        let s = store();
+        let k = key("/v1/15", "t");
+        let mut e = entry("/v1/15");
+        e.policy.fresh_ttl = Duration::ZERO;
+        e.policy.max_stale = Duration::from_millis(300);
+        s.put(k, e, s.read_ticket().await).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let current = s.get(&k).await.unwrap();
+        let (_, stored) = s
+            .refresh(k, &current, refreshed(&current), s.read_ticket().await)
+            .await;
+        assert!(stored);
+        // 400 ms after the insert, 200 ms after the refresh: still held.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(s.get(&k).await.is_some(), "moka expired a refreshed entry");
+    }
+
+    #[tokio::test]
+    async fn an_older_refresh_does_not_replace_a_newer_one() {
+        let s = store();
+        let k = key("/v1/16", "t");
+        s.put(k, entry("/v1/16"), s.read_ticket().await).await;
+        let current = s.get(&k).await.unwrap();
+        let mut older = refreshed(&current);
+        older.stored_at -= Duration::from_millis(1);
+        let (newer, _) = s
+            .refresh(k, &current, refreshed(&current), s.read_ticket().await)
+            .await;
+        s.refresh(k, &current, older, s.read_ticket().await).await;
+        assert!(Arc::ptr_eq(&s.get(&k).await.unwrap(), &newer));
+    }
+
+    #[tokio::test]
+    async fn a_reloaded_policy_is_inserted_anew() {
+        let s = store();
+        let k = key("/v1/17", "t");
+        s.put(k, entry("/v1/17"), s.read_ticket().await).await;
+        let current = s.get(&k).await.unwrap();
+        let mut changed = refreshed(&current);
+        changed.policy = policy(0, 5);
+        let (shared, stored) = s.refresh(k, &current, changed, s.read_ticket().await).await;
+        assert!(stored);
+        let now = s.get(&k).await.unwrap();
+        assert!(Arc::ptr_eq(&now, &shared));
+        assert_ne!(now.entry_id, current.entry_id, "inserted, not swapped");
+    }
+
     #[test]
     fn a_read_extends_the_expiry_only_of_an_entry_refreshed_since() {
         let now = Instant::now();
@@ -597,10 +655,10 @@ mod tests {
         let slot = Slot::new(Arc::new(e));
         let k = key("/v1/14", "t");
         let read = |left| Retention.expire_after_read(&k, &slot, now, Some(left), now);
-        // Expiring as the refresh says (within a second): left alone.
+        // Expiring as the refresh says (within 10 ms): left alone.
         assert_eq!(
-            read(Duration::from_millis(59_500)),
-            Some(Duration::from_millis(59_500))
+            read(Duration::from_millis(59_995)),
+            Some(Duration::from_millis(59_995))
         );
         // Expiring by an older validation: kept 60 s from the refresh.
         assert_eq!(read(Duration::from_secs(5)), Some(Duration::from_secs(60)));
