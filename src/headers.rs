@@ -3,6 +3,10 @@
 use http::header::{self, HeaderName, HeaderValue};
 use http::HeaderMap;
 
+/// RFC 9211's `Cache-Status`, as a name (a `&str` key is parsed and
+/// validated on every insert).
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the proxy ones, never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,

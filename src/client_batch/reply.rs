@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::body::ResponseBody;
 use crate::client_batch::parse::Item;
-use crate::headers::if_none_match_matches;
+use crate::headers::{if_none_match_matches, CACHE_STATUS};
 
 /// One entry of the reply: `{code, headers, body}`; `headers` left out when
 /// the client asked `include_headers=false`.
@@ -150,7 +150,7 @@ pub fn batch_reply(
         .or_insert(HeaderValue::from_static(
             "private, no-cache, no-store, must-revalidate",
         ));
-    headers.insert("cache-status", cache_status);
+    headers.insert(CACHE_STATUS, cache_status);
     response
 }
 

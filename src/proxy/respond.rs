@@ -15,9 +15,7 @@ use crate::headers::{
 use crate::metrics::Outcome;
 use crate::upstream::Answer;
 
-/// RFC 9211's `Cache-Status`, as a name (a `&str` key is parsed and
-/// validated on every insert).
-pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+pub(crate) use crate::headers::CACHE_STATUS;
 
 impl HitReason {
     /// The metrics outcome of an entry served for this reason.
