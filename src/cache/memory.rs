@@ -181,6 +181,12 @@ impl MemoryStore {
         self.cache.run_pending_tasks().await;
     }
 
+    /// Write marks are forgotten after `write_memory`: a read older than
+    /// that can no longer prove no write overtook it, and is not stored.
+    fn outlived(&self, ticket: ReadTicket) -> bool {
+        ticket.taken.elapsed() >= self.write_memory
+    }
+
     /// [`Store::put`], returning the entry shared as stored.
     async fn insert(
         &self,
@@ -188,9 +194,7 @@ impl MemoryStore {
         mut entry: CachedResponse,
         ticket: ReadTicket,
     ) -> (Arc<CachedResponse>, bool) {
-        // Write marks are forgotten after `write_memory`: a read older than
-        // that can no longer prove no write overtook it.
-        if ticket.taken.elapsed() >= self.write_memory {
+        if self.outlived(ticket) {
             return (Arc::new(entry), false);
         }
         if written_since(&lock(&self.index), &entry.objects, ticket) {
@@ -251,7 +255,7 @@ impl MemoryStore {
         };
         refreshed.entry_id = current.entry_id;
         let refreshed = Arc::new(refreshed);
-        if ticket.taken.elapsed() >= self.write_memory {
+        if self.outlived(ticket) {
             return (refreshed, false);
         }
         let replaced = {
@@ -516,12 +520,28 @@ mod tests {
         current.revalidated(&updated)
     }
 
+    /// A store holding one entry for `path`: the store, its key, the entry.
+    async fn holding(path: &str) -> (MemoryStore, CacheKey, Arc<CachedResponse>) {
+        let s = store();
+        let k = key(path, "t");
+        assert!(s.put(k, entry(path), s.read_ticket().await).await);
+        let current = s.get(&k).await.unwrap();
+        (s, k, current)
+    }
+
+    /// `current` refreshed by a 304 now, with a fresh ticket.
+    async fn refresh_now(
+        s: &MemoryStore,
+        k: CacheKey,
+        current: &Arc<CachedResponse>,
+    ) -> (Arc<CachedResponse>, bool) {
+        s.refresh(k, current, refreshed(current), s.read_ticket().await)
+            .await
+    }
+
     #[tokio::test]
     async fn a_304_refreshes_the_entry_in_place_and_keeps_it_indexed() {
-        let s = store();
-        let k = key("/v1/10", "t");
-        assert!(s.put(k, entry("/v1/10"), s.read_ticket().await).await);
-        let current = s.get(&k).await.unwrap();
+        let (s, k, current) = holding("/v1/10").await;
         let ticket = s.read_ticket().await;
         let (shared, stored) = s.refresh(k, &current, refreshed(&current), ticket).await;
         assert!(stored);
@@ -531,9 +551,7 @@ mod tests {
         assert_eq!(now.entry_id, current.entry_id, "the same slot");
         // A sibling that revalidated the same entry at once refreshes the
         // slot too, in place.
-        let (sibling, stored) = s
-            .refresh(k, &current, refreshed(&current), s.read_ticket().await)
-            .await;
+        let (sibling, stored) = refresh_now(&s, k, &current).await;
         assert!(stored);
         assert!(Arc::ptr_eq(&s.get(&k).await.unwrap(), &sibling));
         assert_eq!(sibling.entry_id, current.entry_id);
@@ -546,10 +564,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_after_the_ticket_keeps_a_refresh_out() {
-        let s = store();
-        let k = key("/v1/11", "t");
-        s.put(k, entry("/v1/11"), s.read_ticket().await).await;
-        let current = s.get(&k).await.unwrap();
+        let (s, k, current) = holding("/v1/11").await;
         let ticket = s.read_ticket().await;
         // A write to another object leaves it alone...
         s.invalidate_objects(&objects_of("/v1/12", [])).await;
@@ -576,14 +591,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_refresh_of_a_replaced_or_grown_entry_is_stored_anew() {
-        let s = store();
-        let k = key("/v1/13", "t");
+        let (s, k, old) = holding("/v1/13").await;
         s.put(k, entry("/v1/13"), s.read_ticket().await).await;
-        let old = s.get(&k).await.unwrap();
-        s.put(k, entry("/v1/13"), s.read_ticket().await).await;
-        let (shared, stored) = s
-            .refresh(k, &old, refreshed(&old), s.read_ticket().await)
-            .await;
+        let (shared, stored) = refresh_now(&s, k, &old).await;
         assert!(stored);
         let now = s.get(&k).await.unwrap();
         assert!(Arc::ptr_eq(&now, &shared));
@@ -608,9 +618,7 @@ mod tests {
         s.put(k, e, s.read_ticket().await).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let current = s.get(&k).await.unwrap();
-        let (_, stored) = s
-            .refresh(k, &current, refreshed(&current), s.read_ticket().await)
-            .await;
+        let (_, stored) = refresh_now(&s, k, &current).await;
         assert!(stored);
         // 400 ms after the insert, 200 ms after the refresh: still held.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -619,25 +627,17 @@ mod tests {
 
     #[tokio::test]
     async fn an_older_refresh_does_not_replace_a_newer_one() {
-        let s = store();
-        let k = key("/v1/16", "t");
-        s.put(k, entry("/v1/16"), s.read_ticket().await).await;
-        let current = s.get(&k).await.unwrap();
+        let (s, k, current) = holding("/v1/16").await;
         let mut older = refreshed(&current);
         older.stored_at -= Duration::from_millis(1);
-        let (newer, _) = s
-            .refresh(k, &current, refreshed(&current), s.read_ticket().await)
-            .await;
+        let (newer, _) = refresh_now(&s, k, &current).await;
         s.refresh(k, &current, older, s.read_ticket().await).await;
         assert!(Arc::ptr_eq(&s.get(&k).await.unwrap(), &newer));
     }
 
     #[tokio::test]
     async fn a_reloaded_policy_is_inserted_anew() {
-        let s = store();
-        let k = key("/v1/17", "t");
-        s.put(k, entry("/v1/17"), s.read_ticket().await).await;
-        let current = s.get(&k).await.unwrap();
+        let (s, k, current) = holding("/v1/17").await;
         let mut changed = refreshed(&current);
         changed.policy = policy(0, 5);
         let (shared, stored) = s.refresh(k, &current, changed, s.read_ticket().await).await;

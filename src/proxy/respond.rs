@@ -10,12 +10,10 @@ use crate::body::ResponseBody;
 use crate::cache::CachedResponse;
 use crate::error::ProxyError;
 use crate::headers::{
-    accepts_gzip, age_value, if_none_match_matches, is_encoded, strip_hop_by_hop,
+    accepts_gzip, age_value, if_none_match_matches, is_encoded, strip_hop_by_hop, CACHE_STATUS,
 };
 use crate::metrics::Outcome;
 use crate::upstream::Answer;
-
-pub(crate) use crate::headers::CACHE_STATUS;
 
 impl HitReason {
     /// The metrics outcome of an entry served for this reason.
